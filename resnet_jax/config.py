@@ -1,0 +1,70 @@
+"""The base configuration every experiment file in experiments/ starts from.
+
+All durations are converted to steps in one place (``resnet_jax.schedules.Durations``); a key
+given in epochs is a convenience for the person writing the config.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Defaults: the ImageNet recipe of paper 1 (batch 256, lr 0.1, momentum 0.9, wd 1e-4)."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet50"
+    # Every model option; placeholders (None) mean "the family's default" and keep a type.
+    c.model.shortcut = config_dict.placeholder(str)  # A | B | C | none | gated | shortcut_gated | scaled
+    c.model.stride_in = "3x3"  # 3x3: torchvision v1.5; 1x1: the paper's bottleneck
+    c.model.zero_init_last_bn = True
+    c.model.width = config_dict.placeholder(int)
+    c.model.bn_momentum = 0.9
+    c.model.bn_epsilon = 1e-5
+    c.model.bn_group_size = config_dict.placeholder(int)  # None: BN over the global batch
+    c.model.gate_bias_init = -6.0
+    c.model.scan_blocks = "auto"  # auto | true | false
+    c.model.remat = False
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "imagenet2012"  # digits | cifar10 | cifar100 | imagenet2012 | synthetic
+    c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: ~/tensorflow_datasets)
+    c.dataset.manual_dir = config_dict.placeholder(str)  # where the ImageNet tars are
+    c.dataset.validation_split = False  # CIFAR: train on 45k, evaluate on the held-out 5k
+    c.dataset.image_size = config_dict.placeholder(int)  # None: the dataset's own
+    c.dataset.num_classes = config_dict.placeholder(int)  # synthetic only
+    c.dataset.num_examples = 1281167  # synthetic only: images per "epoch"
+    c.dataset.eval_crops = 1  # 1: center crop; 10: the paper's 10-crop testing (ImageNet)
+
+    c.batch_size = 256  # global, over all devices and hosts
+    c.num_epochs = 90.0
+    c.num_steps = -1  # > 0 overrides num_epochs
+    c.learning_rate = 0.1  # for batch 256, scaled linearly with batch_size (Goyal et al. 2017)
+    c.scale_lr = True
+    c.lr_schedule = "step"  # step | cosine
+    c.lr_boundaries_epochs = (30.0, 60.0, 80.0)  # step schedule, in epochs ...
+    c.lr_boundaries_steps = config_dict.placeholder(tuple)  # ... or in steps (wins when set)
+    c.lr_decay_factor = 0.1
+    c.warmup_epochs = 0.0
+    c.warmup_steps = -1  # >= 0 overrides warmup_epochs
+    c.warmup_kind = "linear"  # linear (0 -> lr) | constant (paper 1's ResNet-110: lr/10 for a while)
+    c.warmup_lr_factor = 0.1  # constant warmup runs at this fraction of the learning rate
+    c.optimizer = "sgd"  # sgd | lars
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 1e-4
+    c.decay_bn_and_bias = True  # the papers decay every parameter; modern recipes exclude BN/bias
+    c.label_smoothing = 0.0
+    c.seed = 0
+    c.half_precision = False  # bf16 compute; float32 parameters and BN statistics
+
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3  # the latest N, plus the best by eval top-1
+    c.eval_every_epochs = 1.0
+    c.log_every_steps = 100
+    c.skip_nonfinite = False  # True: skip steps with a non-finite loss or gradient instead of stopping
+    c.shard_params = False  # FSDP-style: shard parameters and optimizer state over the data axis
+    c.progress_bar = True
+    return c

@@ -1,0 +1,152 @@
+"""The ResNet network: a stem, stages of blocks, global average pooling and a linear head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from resnet_jax.models.blocks import BLOCKS, BlockOptions
+from resnet_jax.models.layers import conv
+
+
+class Stage(nnx.Module):
+    """A run of blocks at one resolution; only the first block changes the shape.
+
+    With ``scan`` the identical blocks 2..n are stored stacked (leading axis n-1) and applied with
+    ``nnx.scan``, so compile time does not grow with depth. Unrolled, ``blocks`` holds them all.
+    On XLA:CPU the backward pass of a convolution inside a loop is much slower (jax-ml/jax#12868),
+    hence the choice is per network (see ``scan_blocks`` in the factory).
+    ``remat`` recomputes each block's activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        block: str,
+        in_ch: int,
+        planes: int,
+        num_blocks: int,
+        stride: int,
+        opts: BlockOptions,
+        *,
+        scan: bool,
+        remat: bool,
+        rngs: nnx.Rngs,
+    ):
+        cls = BLOCKS[block]
+        out_ch = planes * cls.expansion
+        first = cls(in_ch, planes, stride, opts, rngs=rngs)
+        self.remat = remat
+        if scan and num_blocks > 1:
+            self.blocks = nnx.List([first])
+
+            @nnx.split_rngs(splits=num_blocks - 1)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(r):
+                return cls(out_ch, planes, 1, opts, rngs=r)
+
+            self.scanned = make(rngs)
+        else:
+            rest = [cls(out_ch, planes, 1, opts, rngs=rngs) for _ in range(num_blocks - 1)]
+            self.blocks = nnx.List([first, *rest])
+            self.scanned = None
+        self.out_ch = out_ch
+
+    def _apply(self, block, x):
+        if self.remat:
+            return nnx.remat(lambda b, y: b.forward(y))(block, x)
+        return block.forward(x)
+
+    def forward(self, x: jax.Array, capture: bool = False) -> tuple[jax.Array, list[dict]]:
+        """Returns the stage output and, with ``capture``, each block's ``{"residual", "shortcut"}``."""
+        parts = []
+        for block in self.blocks:
+            x, p = self._apply(block, x)
+            parts.append(p)
+        if self.scanned is not None:
+            # Only stack the parts when asked: a scan keeps its outputs alive (n x activations).
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            def body(y, block):
+                y, p = self._apply(block, y)
+                return y, (p if capture else None)
+
+            x, stacked = body(x, self.scanned)
+            if capture:
+                n = jax.tree.leaves(stacked)[0].shape[0]
+                parts += [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+        return x, (parts if capture else [])
+
+
+class ResNet(nnx.Module):
+    """A residual (or plain) network. Build it with ``resnet_jax.models.create_model``.
+
+    Input: NHWC float images. Output: float32 logits. ``model.train()`` / ``model.eval()`` switch
+    BatchNorm between batch and running statistics. Parameter names: ``conv1``, ``bn1`` (stem),
+    ``stages[i].blocks[j]`` (``stages[i].scanned`` for stacked blocks), ``final_bn`` (pre-activation
+    only), ``fc``.
+    """
+
+    def __init__(
+        self,
+        *,
+        block: str,
+        stage_sizes: tuple[int, ...],
+        stem: str,
+        width: int,
+        num_classes: int,
+        opts: BlockOptions,
+        scan: bool,
+        remat: bool,
+        rngs: nnx.Rngs,
+    ):
+        self.stem = stem
+        self.dtype = opts.dtype
+        if stem == "imagenet":
+            self.conv1 = conv(3, width, 7, 2, dtype=opts.dtype, rngs=rngs)
+        else:
+            self.conv1 = conv(3, width, 3, 1, dtype=opts.dtype, rngs=rngs)
+        # A pre-activation CIFAR net's first block normalises the stem output itself.
+        self.bn1 = opts.norm(width) if stem != "cifar_preact" else None
+        stages, in_ch = [], width
+        for i, n in enumerate(stage_sizes):
+            stage = Stage(block, in_ch, width * 2**i, n, 1 if i == 0 else 2, opts, scan=scan, remat=remat, rngs=rngs)
+            stages.append(stage)
+            in_ch = stage.out_ch
+        self.stages = nnx.List(stages)
+        # Pre-activation blocks end on a convolution: normalise before pooling.
+        self.final_bn = opts.norm(in_ch) if block.startswith("preact") else None
+        self.fc = nnx.Linear(in_ch, num_classes, dtype=opts.dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.num_features = in_ch
+
+    def stem_forward(self, x: jax.Array) -> jax.Array:
+        x = self.conv1(x.astype(self.dtype))
+        if self.bn1 is not None:
+            x = nnx.relu(self.bn1(x))
+        if self.stem == "imagenet":
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return x
+
+    def head_forward(self, x: jax.Array) -> jax.Array:
+        if self.final_bn is not None:
+            x = nnx.relu(self.final_bn(x))
+        x = jnp.mean(x, axis=(1, 2))  # [N, C]
+        return self.fc(x).astype(jnp.float32)
+
+    def _forward(self, x: jax.Array, capture: bool) -> tuple[jax.Array, list[dict]]:
+        x = self.stem_forward(x)
+        parts = []
+        for stage in self.stages:
+            x, p = stage.forward(x, capture)
+            parts += p
+        return self.head_forward(x), parts
+
+    def block_outputs(self, x: jax.Array) -> tuple[jax.Array, list[dict]]:
+        """Logits and, for every block in order, ``{"residual": F(x), "shortcut": s(x)}``.
+
+        ``residual`` is the branch output after its last BN and before the addition (paper 1,
+        Fig. 7); ``shortcut`` is ``None`` in a plain network. Works under jit and for scanned stages.
+        """
+        return self._forward(x, capture=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self._forward(x, capture=False)[0]
