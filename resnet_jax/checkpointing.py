@@ -1,0 +1,110 @@
+"""Orbax checkpoints under ``WORKDIR/checkpoints``: one directory per step, async saves, keep the
+latest N and the best by eval top-1, and a restore that survives damaged or incomplete steps."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+log = logging.getLogger("resnet_jax")
+
+BEST_METRIC = "eval/top1_acc"
+
+
+def _score(metrics: dict) -> float:
+    return float(metrics.get(BEST_METRIC, -1.0))
+
+
+def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(workdir).absolute() / "checkpoints"
+
+
+def incomplete_steps(directory: pathlib.Path) -> list[pathlib.Path]:
+    """Step directories a killed save left behind (no commit): Orbax writes to ``*.orbax-checkpoint-tmp*``."""
+    return sorted(p for p in directory.glob("*") if ".orbax-checkpoint-tmp" in p.name) if directory.exists() else []
+
+
+class Checkpointer:
+    """A thin wrapper over ``ocp.CheckpointManager`` with this project's policies.
+
+    Args:
+      workdir: the run's directory; checkpoints go to ``workdir/checkpoints/<step>``.
+      keep: how many of the latest checkpoints to keep (the best by eval top-1 is kept too).
+      async_save: save in a background thread (errors surface at the next save or ``wait``).
+      read_only: open for restoring only (``evaluate``).
+    """
+
+    def __init__(self, workdir, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = checkpoint_dir(workdir)
+        for tmp in incomplete_steps(self.directory):
+            log.warning("ignoring incomplete checkpoint %s (a save was interrupted)", tmp)
+        policy = cm.AnyPreservationPolicy(
+            [
+                cm.LatestN(n=keep),
+                # Best alone could delete the latest checkpoint that a resume needs: keep both.
+                cm.BestN(get_metric_fn=_score, n=1, keep_checkpoints_without_metrics=False),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy,
+            # Orbax writes a step's metrics only when best_fn is set; every step gets a (possibly
+            # empty) metrics dict, ranked -1 when it was not evaluated.
+            best_fn=_score,
+            best_mode="max",
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, *, metrics: dict | None = None, force: bool = False) -> bool:
+        """Saves ``state`` as ``step`` (asynchronously). ``metrics`` with eval top-1 rank it for 'best'."""
+        if step in self.all_steps():
+            return False
+        return self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics or {}, force=force)
+
+    def restore(self, step: int, abstract_state):
+        """Restores ``step`` onto the shardings of ``abstract_state`` (any mesh)."""
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+    def restore_latest(self, abstract_state):
+        """The newest complete checkpoint that restores, as ``(state, step)``, or ``(None, 0)``.
+
+        A damaged step (truncated or missing files) is skipped with a warning naming it, and the
+        previous one is tried, so a crash during or after a save never makes a resume fail.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(step, abstract_state), step
+            except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                log.warning(
+                    "checkpoint %s is damaged (%s); falling back to the previous one", self.directory / str(step), first
+                )
+        return None, 0
+
+    def best_step(self) -> int | None:
+        """The step with the highest eval top-1 among kept checkpoints, if any was evaluated."""
+        scored = [(_score(self.manager.metrics(s) or {}), s) for s in self.all_steps()]
+        best = max(scored, default=(-1.0, None))
+        return best[1] if best[0] >= 0 else None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(state, shardings):
+    """ShapeDtypeStructs carrying target shardings, for restoring onto another mesh."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)

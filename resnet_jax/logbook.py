@@ -1,0 +1,73 @@
+"""Metrics: ``WORKDIR/metrics.jsonl`` (one JSON object per line, each with "step"), TensorBoard
+event files (tensorboardX) and a PNG of the curves. Written by process 0 only."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir) -> list[dict]:
+    path = pathlib.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Logbook:
+    """Appends metric rows. On resume at ``start_step`` the rows of later steps (written by the
+    interrupted run, and about to be recomputed identically) are dropped first."""
+
+    def __init__(self, workdir, *, start_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.path = pathlib.Path(workdir) / METRICS_FILE
+        self._tb = None
+        if not enabled:
+            return
+        rows = [r for r in read_metrics(workdir) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        from tensorboardX import SummaryWriter  # lazy: not needed by library users
+
+        self._tb = SummaryWriter(str(workdir))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in metrics.items():
+            self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_curves(workdir, out: str | None = None) -> pathlib.Path:
+    """Training and eval curves of one run (loss and top-1 error, in %) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(workdir)
+    train = [r for r in rows if "train/loss" in r]
+    ev = [r for r in rows if "eval/loss" in r]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train")
+    a1.plot([r["step"] for r in ev], [r["eval/loss"] for r in ev], "o-", label="eval")
+    a1.set(xlabel="step", ylabel="loss", title="loss")
+    a2.plot([r["step"] for r in train], [100 * (1 - r["train/top1_acc"]) for r in train], label="train")
+    a2.plot([r["step"] for r in ev], [100 * (1 - r["eval/top1_acc"]) for r in ev], "o-", label="eval")
+    a2.set(xlabel="step", ylabel="top-1 error (%)", title="error")
+    for a in (a1, a2):
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    path = pathlib.Path(out or pathlib.Path(workdir) / "curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,37 @@
+"""The optimizer: SGD with momentum (Nesterov option) or LARS, with decoupled-from-BN weight decay."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from resnet_jax.errors import UserError
+
+
+def decay_mask(params, decay_bn_and_bias: bool):
+    """True for parameters that get weight decay. The papers decay everything; modern recipes
+    (Goyal et al., timm) skip BN scales/biases and biases, i.e. every parameter with ndim <= 1."""
+    return jax.tree.map(lambda p: decay_bn_and_bias or p.ndim > 1, params)
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Builds the optimizer described by ``config`` (``optimizer``, ``momentum``, ``nesterov``,
+    ``weight_decay``, ``decay_bn_and_bias``)."""
+    mask = lambda params: decay_mask(params, config.decay_bn_and_bias)  # noqa: E731
+    if config.optimizer == "sgd":
+        # L2 added to the gradient before momentum, as in the papers (PyTorch's SGD weight_decay).
+        return optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=mask),
+            optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+        )
+    if config.optimizer == "lars":
+        # LARS (You et al. 2017) for very large batches; BN/bias are excluded from the trust ratio.
+        return optax.lars(
+            schedule,
+            weight_decay=config.weight_decay,
+            weight_decay_mask=mask,
+            trust_ratio_mask=lambda p: decay_mask(p, False),
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+        )
+    raise UserError(f"optimizer={config.optimizer!r}; valid: 'sgd', 'lars'")

@@ -1,0 +1,392 @@
+"""Training and evaluation of any model of the zoo on any number of devices and hosts.
+
+A library (``train_and_evaluate(config, workdir)``) with a thin entry point::
+
+  python -m resnet_jax.train --config=experiments/digits.py --workdir=/tmp/digits \
+      [--config.model.name=cifar_resnet56 ...] [--fresh]
+
+Design: the train state is a plain pytree ``{"params", "batch_stats", "opt_state", "step",
+"nonfinite"}`` created directly sharded (``jit`` with ``out_shardings``); one pure
+``train_step(state, batch) -> (state, metrics)`` is jitted once over a ``Mesh`` of all devices with
+the batch split over the ``data`` axis and the state donated. BatchNorm statistics under a
+sharded batch are global (synchronised) unless ``model.bn_group_size`` is set. All randomness of
+the input is a function of (seed, step), so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_jax import data
+from resnet_jax.checkpointing import Checkpointer, abstract_with_shardings
+from resnet_jax.errors import UserError
+from resnet_jax.logbook import Logbook, plot_curves
+from resnet_jax.models import create_model
+from resnet_jax.optim import make_optimizer
+from resnet_jax.schedules import Durations, is_time, learning_rate_schedule
+from resnet_jax.workdir import Workdir
+
+log = logging.getLogger("resnet_jax")
+
+
+def model_options(config) -> dict[str, Any]:
+    """The model options of ``config.model`` as ``create_model`` keyword arguments."""
+    opts = {k: v for k, v in config.model.items() if k != "name"}
+    scan = str(opts.get("scan_blocks", "auto")).lower()
+    opts["scan_blocks"] = {"auto": "auto", "true": True, "false": False}.get(scan, scan)
+    opts["dtype"] = "bfloat16" if config.half_precision else "float32"
+    return opts
+
+
+def build_model(config, num_classes: int, seed: int = 0) -> nnx.Module:
+    """The configured model, with errors turned into a one-line ``UserError``."""
+    try:
+        return create_model(config.model.name, num_classes=num_classes, rngs=nnx.Rngs(seed), **model_options(config))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    onehot = (
+        optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+        if label_smoothing
+        else jax.nn.one_hot(labels, num_classes)
+    )
+    return optax.softmax_cross_entropy(logits, onehot)
+
+
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing):
+    """One SGD step. Pure: ``(state, batch) -> (state, metrics)``.
+
+    A step whose loss or gradients are not finite leaves the state unchanged (and is counted in
+    ``state["nonfinite"]``), so a bad step can never reach a checkpoint; the host then stops or
+    skips it (``config.skip_nonfinite``).
+    """
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
+        logits = model(batch["image"])
+        loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+        return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & all_finite(grads)
+    new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state, step=state["step"] + 1)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, dict(state, step=state["step"] + 1))
+    new["nonfinite"] = state["nonfinite"] + (~finite).astype(jnp.int32)
+    metrics = {
+        "train/loss": loss,
+        "train/top1_acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "train/lr": schedule(state["step"]),
+        "finite": finite,
+    }
+    return new, metrics
+
+
+def eval_step(state, batch, *, graphdef, num_classes):
+    """Sums of loss and top-1/top-5 hits over the unmasked examples. Multi-crop images
+    ``[N, crops, H, W, C]`` are scored by averaging the crops' softmax (paper 1's 10-crop test)."""
+    model = nnx.merge(graphdef, state["params"], state["batch_stats"], copy=True)
+    images = batch["image"]
+    if images.ndim == 5:
+        n, c = images.shape[:2]
+        probs = jax.nn.softmax(model(images.reshape((n * c,) + images.shape[2:]))).reshape(n, c, -1).mean(1)
+        loss = -jnp.log(jnp.take_along_axis(probs, batch["label"][:, None], 1)[:, 0] + 1e-12)
+        scores = probs
+    else:
+        scores = model(images)
+        loss = cross_entropy(scores, batch["label"], num_classes)
+    mask = batch["mask"]
+    top5 = jax.lax.top_k(scores, min(5, num_classes))[1]
+    return {
+        "loss": jnp.sum(loss * mask),
+        "top1": jnp.sum((top5[:, 0] == batch["label"]) * mask),
+        "top5": jnp.sum(jnp.any(top5 == batch["label"][:, None], -1) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def param_sharding(mesh, shape, shard: bool) -> NamedSharding:
+    """Replicated, or (FSDP-style) split over ``data`` along the largest divisible axis."""
+    n = mesh.shape["data"]
+    if shard and shape:
+        axes = sorted(range(len(shape)), key=lambda i: -shape[i])
+        for i in axes:
+            if shape[i] % n == 0 and shape[i] >= n:
+                spec = [None] * len(shape)
+                spec[i] = "data"
+                return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P())
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run compiles once: mesh, model graph, optimizer and the jitted steps."""
+
+    config: Any
+    info: data.DatasetInfo
+    durations: Durations
+
+    def __post_init__(self):
+        config, n_dev = self.config, jax.device_count()
+        if config.batch_size % n_dev:
+            raise UserError(
+                f"batch_size={config.batch_size} is not divisible by the {n_dev} devices; use a multiple of {n_dev}"
+            )
+        self.mesh = jax.make_mesh((n_dev,), ("data",))
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.schedule = learning_rate_schedule(config, self.durations)
+        self.tx = make_optimizer(config, self.schedule)
+        model = nnx.eval_shape(lambda: build_model(config, self.info.num_classes))
+        model.train()
+        self.graphdef_train = nnx.graphdef(model)
+        model.eval()
+        self.graphdef_eval = nnx.graphdef(model)
+        abstract = jax.eval_shape(self._init)
+        self.state_shardings = jax.tree.map(lambda a: param_sharding(self.mesh, a.shape, config.shard_params), abstract)
+        self.abstract_state = abstract_with_shardings(abstract, self.state_shardings)
+        step = functools.partial(
+            train_step,
+            graphdef=self.graphdef_train,
+            tx=self.tx,
+            schedule=self.schedule,
+            num_classes=self.info.num_classes,
+            label_smoothing=config.label_smoothing,
+        )
+        self.train_step = jax.jit(
+            step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=0,
+        )
+        ev = functools.partial(eval_step, graphdef=self.graphdef_eval, num_classes=self.info.num_classes)
+        self.eval_step = jax.jit(
+            ev, in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=self.replicated
+        )
+
+    def _init(self):
+        model = build_model(self.config, self.info.num_classes, seed=self.config.seed)
+        _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        return {
+            "params": params,
+            "batch_stats": batch_stats,
+            "opt_state": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "nonfinite": jnp.zeros((), jnp.int32),
+        }
+
+    def init_state(self):
+        """A fresh state, created directly with its shardings (no replicate-then-shard)."""
+        return jax.jit(self._init, out_shardings=self.state_shardings)()
+
+    def evaluate(self, state, dataset_cfg=None) -> dict[str, float]:
+        """Loss, top-1 and top-5 accuracy over every example of the eval split, exactly once."""
+        totals = None
+        batches = data.eval_batches(dataset_cfg or self.config.dataset, global_batch_size=self.config.batch_size)
+        for batch in data.prefetch(batches, self.batch_sharding):
+            out = self.eval_step(state, batch)
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        t = jax.device_get(totals)
+        n = max(float(t["count"]), 1.0)
+        return {
+            "eval/loss": float(t["loss"]) / n,
+            "eval/top1_acc": float(t["top1"]) / n,
+            "eval/top5_acc": float(t["top5"]) / n,
+        }
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the next step boundary and exits with status 0.
+    Several processes agree on the step through Orbax's preemption sync (jax.distributed)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def reached(self, ckpt: Checkpointer, step: int) -> bool:
+        if jax.process_count() > 1:
+            return ckpt.manager.reached_preemption(step)
+        return self.requested
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str, float]:
+    """Trains ``config`` in ``workdir``, resuming from its latest complete checkpoint.
+
+    Returns:
+      The final eval metrics (empty if the run was preempted before the end).
+    """
+    lead = jax.process_index() == 0
+    info = data.get_info(config.dataset)
+    durations = Durations.from_config(config, info.num_train)
+    wd = Workdir(workdir)
+    if lead:
+        wd.open(config.to_dict(), fresh=fresh)
+    trainer = Trainer(config, info, durations)
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+    state, step = ckpt.restore_latest(trainer.abstract_state)
+    if state is None:
+        state = trainer.init_state()
+    elif lead:
+        log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
+    if lead:
+        wd.write_run_info(
+            devices=jax.device_count(),
+            processes=jax.process_count(),
+            platform=jax.devices()[0].platform,
+            resumed_from=step,
+            steps_per_epoch=durations.steps_per_epoch,
+            total_steps=durations.total_steps,
+        )
+    logbook = Logbook(workdir, start_step=step, enabled=lead)
+    batches = data.prefetch(
+        data.train_batches(config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=step),
+        trainer.batch_sharding,
+    )
+    preempt = _Preemption()
+    bar = None
+    if lead and config.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=durations.total_steps, initial=step, unit="step", dynamic_ncols=True)
+    final: dict[str, float] = {}
+    window: list[dict] = []
+    t0, s0 = time.perf_counter(), step
+    pending = None  # (step, device metrics): read one step late so the host never stalls the device
+
+    def take(entry):
+        s, m = entry
+        m = jax.device_get(m)
+        if not m.pop("finite"):
+            if not config.skip_nonfinite:
+                ckpt.wait()
+                last = max(ckpt.all_steps(), default=None)
+                raise UserError(
+                    f"non-finite loss or gradient at step {s}; the last good checkpoint (step {last}) is intact. "
+                    "Lower the learning rate, or pass --config.skip_nonfinite=true to skip such steps"
+                )
+            log.warning("skipped step %d: non-finite loss or gradient", s)
+        window.append(m)
+
+    try:
+        while step < durations.total_steps:
+            state, metrics = trainer.train_step(state, next(batches))
+            step += 1
+            if pending is not None:
+                take(pending)
+            pending = (step, metrics)
+            if bar is not None:
+                bar.update(1)
+            log_now = is_time(step, config.log_every_steps, durations.total_steps)
+            eval_now = is_time(step, durations.eval_every_steps, durations.total_steps)
+            save_now = eval_now or is_time(step, config.checkpoint_every_steps, durations.total_steps)
+            stop_now = preempt.reached(ckpt, step)
+            if not (log_now or eval_now or save_now or stop_now):
+                continue
+            take(pending)
+            pending = None
+            if log_now and window:
+                dt = time.perf_counter() - t0
+                row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                row["train/img_per_s"] = (step - s0) * config.batch_size / max(dt, 1e-9)
+                row["train/nonfinite_steps"] = float(jax.device_get(state["nonfinite"]))
+                logbook.write(step, row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/top1_acc']:.3f}")
+                window.clear()
+                t0, s0 = time.perf_counter(), step
+            eval_metrics = None
+            if eval_now and not stop_now:
+                eval_metrics = trainer.evaluate(state)
+                logbook.write(step, eval_metrics)
+                final = eval_metrics
+                if bar is not None:
+                    bar.write(
+                        f"step {step}: eval top-1 {eval_metrics['eval/top1_acc']:.4f}, loss {eval_metrics['eval/loss']:.4f}"
+                    )
+                t0, s0 = time.perf_counter(), step
+            if save_now or stop_now:
+                ckpt.save(step, state, metrics=eval_metrics, force=True)
+            if stop_now:
+                ckpt.wait()
+                log.warning(
+                    "preempted: saved step %d to %s; start the same command again to resume", step, ckpt.directory
+                )
+                return {}
+    finally:
+        preempt.restore()
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+        logbook.close()
+        wd.close()
+    if lead:
+        plot_curves(workdir)
+    return final
+
+
+def evaluate_checkpoint(
+    workdir: str, checkpoint: str = "latest", dataset_overrides: dict | None = None
+) -> tuple[int, dict[str, float]]:
+    """Evaluates a run's checkpoint ('latest', 'best' or a step number) on its eval split."""
+    import ml_collections
+
+    from resnet_jax.workdir import load_config_dict
+
+    config = ml_collections.ConfigDict(load_config_dict(workdir))
+    if dataset_overrides:
+        config.dataset.update(dataset_overrides)
+    info = data.get_info(config.dataset)
+    trainer = Trainer(config, info, Durations.from_config(config, info.num_train))
+    ckpt = Checkpointer(workdir, read_only=True)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise UserError(f"no complete checkpoint in {ckpt.directory}; train first or check --workdir")
+    if checkpoint == "latest":
+        step = steps[-1]
+    elif checkpoint == "best":
+        step = ckpt.best_step()
+        if step is None:
+            raise UserError(f"no evaluated checkpoint in {ckpt.directory}; use --checkpoint=latest or a step")
+    elif checkpoint.isdigit() and int(checkpoint) in steps:
+        step = int(checkpoint)
+    else:
+        raise UserError(f"--checkpoint={checkpoint!r}: use 'latest', 'best' or one of the steps {steps}")
+    state = ckpt.restore(step, trainer.abstract_state)
+    ckpt.close()
+    return step, trainer.evaluate(state)
+
+
+def main(argv=None):
+    from resnet_jax import cli
+
+    cli.train_main(argv)
+
+
+if __name__ == "__main__":
+    main()

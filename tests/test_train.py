@@ -1,0 +1,140 @@
+"""End-to-end training: a few steps on digits, evaluation, multi-device and multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from resnet_jax.logbook import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A short, fast run: a tiny CIFAR ResNet on digits, logging every step.
+SHORT = [
+    "--config=experiments/digits.py",
+    "--config.model.name=cifar_resnet8",
+    "--config.batch_size=32",
+    "--config.num_steps=6",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=3",
+    "--config.eval_every_epochs=100",
+    "--config.progress_bar=false",
+]
+
+
+def run_cli(
+    module: str, *args: str, devices: int = 1, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Runs ``python -m module args`` with ``devices`` simulated CPU devices."""
+    e = dict(
+        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **(env or {})
+    )
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def train_losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """The reference: the short run on one device."""
+    wd = tmp_path_factory.mktemp("single")
+    p = run_cli("resnet_jax.train", *SHORT, f"--workdir={wd}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return wd
+
+
+def test_end_to_end_and_evaluate(single_run):
+    """A short run writes checkpoints, metrics, event files, curves; evaluate reproduces its numbers."""
+    wd = single_run
+    assert sorted(os.listdir(wd / "checkpoints")) == ["3", "6"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
+    assert (wd / "curves.png").stat().st_size > 1000
+    cfg = json.loads((wd / "config.json").read_text())
+    assert cfg["model"]["name"] == "cifar_resnet8" and cfg["num_steps"] == 6
+    info = json.loads((wd / "run_info.json").read_text())
+    assert info["version"] and "git_commit" in info
+    rows = read_metrics(wd)
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    for key in ("train/loss", "train/top1_acc", "train/lr", "train/img_per_s"):
+        assert all(np.isfinite(r[key]) for r in train), key
+    assert all(0 <= r["train/top1_acc"] <= 1 for r in train)
+    final = [r for r in rows if "eval/loss" in r][-1]
+    assert final["step"] == 6
+    for key in ("eval/top1_acc", "eval/top5_acc"):
+        assert 0 <= final[key] <= 1
+    p = run_cli("resnet_jax.evaluate", f"--workdir={wd}", "--checkpoint=latest")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["step"] == 6
+    for key in ("eval/loss", "eval/top1_acc", "eval/top5_acc"):
+        assert out[key] == pytest.approx(final[key], rel=1e-5, abs=1e-6)
+    p = run_cli("resnet_jax.evaluate", f"--workdir={wd}", "--checkpoint=best")
+    assert p.returncode == 0 and json.loads(p.stdout.strip().splitlines()[-1])["step"] == 6
+
+
+def test_eight_devices_match_one(single_run, tmp_path):
+    """The same run on 8 simulated devices gives the same losses (BatchNorm over the global batch)."""
+    p = run_cli("resnet_jax.train", *SHORT, f"--workdir={tmp_path}", devices=8)
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["devices"] == 8
+    one, eight = train_losses(single_run), train_losses(tmp_path)
+    assert one.keys() == eight.keys()
+    np.testing.assert_allclose([eight[k] for k in one], [one[k] for k in one], rtol=1e-4, atol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(single_run, tmp_path):
+    """A real 2-process run on 127.0.0.1 (2 CPU devices each, gloo collectives) trains, writes one
+    set of checkpoints and metrics, and matches the single-process run."""
+    port = free_port()
+    procs = []
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    try:
+        for i in range(2):
+            args = [
+                *SHORT,
+                f"--workdir={tmp_path}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ]
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "resnet_jax.train", *args],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["processes"] == 2 and info["devices"] == 4
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    one, two = train_losses(single_run), train_losses(tmp_path)
+    assert sorted(two) == [1, 2, 3, 4, 5, 6]  # one set of metrics: process 0 only
+    np.testing.assert_allclose([two[k] for k in one], [one[k] for k in one], rtol=1e-4, atol=1e-5)
