@@ -68,3 +68,56 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.shard_params = False  # FSDP-style: shard parameters and optimizer state over the data axis
     c.progress_bar = True
     return c
+
+
+def cifar_paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Paper 1, section 4.2: batch 128, lr 0.1 divided by 10 at 32k and 48k iterations, stop at
+    64k, weight decay 1e-4, momentum 0.9, pad-4 crop and flip; option A shortcuts."""
+    c.dataset.name = "cifar10"
+    c.batch_size = 128
+    c.learning_rate = 0.2  # for batch 256: 0.1 at the paper's batch 128
+    c.num_steps = 64_000
+    c.lr_schedule = "step"
+    c.lr_boundaries_steps = (32_000, 48_000)
+    c.weight_decay = 1e-4
+    c.momentum = 0.9
+    c.checkpoint_every_steps = 2_000
+    c.eval_every_epochs = 10.0
+    c.log_every_steps = 100
+    return c
+
+
+def imagenet_paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Paper 1, section 3.4: batch 256, lr 0.1 divided by 10 on plateaus (fixed here at epochs 30,
+    60 and 90 of 120 = the paper's 60e4 iterations), weight decay 1e-4, momentum 0.9."""
+    c.dataset.name = "imagenet2012"
+    c.batch_size = 256
+    c.learning_rate = 0.1
+    c.num_epochs = 120.0
+    c.lr_schedule = "step"
+    c.lr_boundaries_epochs = (30.0, 60.0, 90.0)
+    c.weight_decay = 1e-4
+    c.momentum = 0.9
+    c.checkpoint_every_steps = 5_000
+    c.eval_every_epochs = 1.0
+    return c
+
+
+def imagenet_modern_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A modern recipe (Goyal et al. 2017; torchvision/timm practice): batch 1024 with the lr
+    scaled linearly (0.1 per 256), 5 warmup epochs, cosine decay over 90 epochs, label smoothing
+    0.1, no weight decay on BN and biases, bf16 compute."""
+    c.dataset.name = "imagenet2012"
+    c.batch_size = 1024
+    c.learning_rate = 0.1
+    c.num_epochs = 90.0
+    c.lr_schedule = "cosine"
+    c.warmup_epochs = 5.0
+    c.label_smoothing = 0.1
+    c.weight_decay = 5e-5
+    c.decay_bn_and_bias = False
+    c.nesterov = True
+    c.half_precision = True
+    c.checkpoint_every_steps = 2_500
+    c.eval_every_epochs = 1.0
+    return c

@@ -1,0 +1,126 @@
+"""The main job on the embedded default: the degradation problem, reproduced on digits.
+
+  python -m resnet_jax.demo --workdir=DIR
+
+Trains cifar_plain20, cifar_plain56, cifar_resnet20 and cifar_resnet56 with one budget
+(experiments/degradation_digits.py) and writes DIR/degradation.png (training error, plain vs
+residual, in the style of paper 1, Fig. 6), DIR/results.md and DIR/results.json
+(``{"cifar_plain20": {"train_top1_err": ..., "test_top1_err": ...}, ...}``, errors as fractions).
+The training error of a run is the mean training-batch error over its last epoch (train mode, as
+the paper's curves). Finished runs are not trained again when the demo is started again.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import runpy
+import time
+
+from absl import app, flags
+
+from resnet_jax import cli
+from resnet_jax.errors import UserError
+from resnet_jax.logbook import read_metrics
+
+MODELS = ("cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56")
+CONFIG = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "degradation_digits.py"
+
+flags.DEFINE_string("workdir", "runs/demo", "output directory (one sub-directory per run)")
+flags.DEFINE_integer("num_steps", -1, "override the budget (steps per run) for a quick look")
+
+
+def demo_config(name: str, num_steps: int = -1):
+    """The shared budget, for model ``name``."""
+    if not CONFIG.exists():
+        raise UserError(f"{CONFIG} is missing: run the demo from a checkout of resnet_jax")
+    config = runpy.run_path(str(CONFIG))["get_config"]()
+    config.model.name = name
+    if num_steps > 0:
+        config.num_steps = num_steps
+    return config
+
+
+def summarize(workdir: pathlib.Path, steps_per_epoch: int) -> dict[str, float]:
+    """Final training error (last epoch's mean) and test error of one run, as fractions."""
+    rows = read_metrics(workdir)
+    train = [r for r in rows if "train/top1_acc" in r]
+    last = train[-1]["step"]
+    recent = [r["train/top1_acc"] for r in train if r["step"] > last - steps_per_epoch] or [train[-1]["train/top1_acc"]]
+    ev = [r for r in rows if "eval/top1_acc" in r][-1]
+    return {"train_top1_err": 1.0 - sum(recent) / len(recent), "test_top1_err": 1.0 - ev["eval/top1_acc"]}
+
+
+def plot(out_dir: pathlib.Path, runs: dict[str, pathlib.Path]) -> pathlib.Path:
+    """Training error against iterations, plain (left) and residual (right), as in Fig. 6."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    colors = {"20": "tab:orange", "56": "tab:red"}
+    for name, wd in runs.items():
+        rows = [r for r in read_metrics(wd) if "train/top1_acc" in r]
+        ax = axes[0] if "plain" in name else axes[1]
+        depth = name.rstrip("0123456789")
+        depth = name[len(depth) :]
+        ax.plot(
+            [r["step"] for r in rows],
+            [100 * (1 - r["train/top1_acc"]) for r in rows],
+            color=colors.get(depth),
+            label=f"{depth}-layer",
+        )
+    for ax, title in zip(axes, ("plain", "ResNet")):
+        ax.set(title=f"{title} (digits)", xlabel="iterations", yscale="log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    axes[0].set_ylabel("training error (%)")
+    fig.tight_layout()
+    path = out_dir / "degradation.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_tables(out_dir: pathlib.Path, results: dict[str, dict[str, float]]) -> None:
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    lines = ["| model | train error (%) | test error (%) |", "|---|---|---|"]
+    lines += [f"| {m} | {100 * r['train_top1_err']:.2f} | {100 * r['test_top1_err']:.2f} |" for m, r in results.items()]
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def run_demo(out_dir: str, num_steps: int = -1) -> dict[str, dict[str, float]]:
+    """Trains the four networks (skipping finished ones) and writes the figure and tables."""
+    from resnet_jax.data import get_info
+    from resnet_jax.schedules import Durations
+    from resnet_jax.train import train_and_evaluate
+
+    out = pathlib.Path(out_dir)
+    runs, results = {}, {}
+    for name in MODELS:
+        config = demo_config(name, num_steps)
+        wd = out / name
+        start = time.perf_counter()
+        train_and_evaluate(config, str(wd))
+        print(f"{name}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+        spe = Durations.from_config(config, get_info(config.dataset).num_train).steps_per_epoch
+        runs[name], results[name] = wd, summarize(wd, spe)
+    plot(out, runs)
+    write_tables(out, results)
+    print((out / "results.md").read_text())
+    return results
+
+
+@cli.guarded
+def _main(argv) -> None:
+    cli.setup_logging()
+    run_demo(flags.FLAGS.workdir, flags.FLAGS.num_steps)
+
+
+def main():
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Every experiment config loads, documents itself, and builds a valid model; sweeps run and resume."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from resnet_jax import sweep
+from resnet_jax.models import resolve_options
+from resnet_jax.train import model_options
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "experiments"
+
+CONFIGS = [
+    "digits.py",
+    "degradation_digits.py",
+    *[f"cifar10.py:{k}{d}" for k in ("plain", "resnet") for d in (20, 32, 44, 56, 110)],
+    "cifar10.py:resnet1202",
+    *[
+        f"imagenet_paper.py:{n}"
+        for n in (
+            "plain18",
+            "plain34",
+            "resnet18_A",
+            "resnet34_A",
+            "resnet34_B",
+            "resnet34_C",
+            "resnet50",
+            "resnet101",
+            "resnet152",
+        )
+    ],
+    "imagenet_modern.py:resnet50",
+    "imagenet_modern.py:resnet50:lars",
+    *[
+        f"preact_shortcuts.py:{v}"
+        for v in ("original", "constant_scaling", "exclusive_gating", "shortcut_gating", "conv_shortcut")
+    ],
+    *[f"cifar_preact.py:{d}:{ds}" for d in (164, 1001) for ds in ("cifar10", "cifar100")],
+]
+
+
+def load(spec: str):
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+    fv(["prog", f"--config={EXPERIMENTS / spec}"])
+    return fv.config
+
+
+@pytest.mark.parametrize("spec", CONFIGS)
+def test_config_is_valid(spec):
+    """The config loads, its model options validate, and its docstring has a command and a target."""
+    c = load(spec)
+    resolve_options(c.model.name, **{k: v for k, v in model_options(c).items()})
+    doc = (EXPERIMENTS / spec.split(":")[0]).read_text().split('"""')[1]
+    assert "python -m resnet_jax" in doc and "Expected" in doc and "Compute" in doc
+
+
+def test_recipes_match_the_papers():
+    """Spot checks against paper 1's recipes."""
+    c = load("cifar10.py:resnet110")
+    assert (c.batch_size, c.num_steps, tuple(c.lr_boundaries_steps), c.weight_decay) == (
+        128,
+        64000,
+        (32000, 48000),
+        1e-4,
+    )
+    assert c.learning_rate * c.batch_size / 256 == pytest.approx(0.1)
+    assert (c.warmup_steps, c.warmup_kind, c.warmup_lr_factor) == (400, "constant", 0.1)
+    assert c.model.shortcut is None and c.model.name == "cifar_resnet110"  # family default: option A
+    assert load("cifar10.py:resnet56").warmup_steps == -1
+    assert load("imagenet_paper.py:resnet34_C").model.shortcut == "C"
+    assert load("preact_shortcuts.py:exclusive_gating").model.gate_bias_init == -6.0
+
+
+def test_bad_config_argument():
+    with pytest.raises(Exception, match="resnet"):
+        load("cifar10.py:resnet21")
+
+
+def write_sweep(tmp_path) -> pathlib.Path:
+    path = tmp_path / "sweep_tiny.py"
+    path.write_text(
+        "def get_sweep():\n"
+        "    return [dict(name='tiny', config='experiments/digits.py',\n"
+        "                 overrides={'model.name': 'cifar_resnet8', 'num_steps': 2, 'batch_size': 32,\n"
+        "                            'progress_bar': False, 'eval_every_epochs': 100.0})]\n"
+    )
+    return path
+
+
+def test_sweep_runs_seeds_and_skips_finished(tmp_path):
+    """Two seeds run in their own workdirs; a second start skips both."""
+    path, root = write_sweep(tmp_path), tmp_path / "runs"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "resnet_jax.sweep", str(path), "--seeds", "2", "--root", str(root)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for s in (0, 1):
+        assert sweep.finished(root / "tiny" / f"seed{s}")
+        assert f'"seed": {s}' in (root / "tiny" / f"seed{s}" / "config.json").read_text()
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.count("finished, skipped") == 2
+
+
+def test_sweep_writes_slurm_array(tmp_path):
+    path = write_sweep(tmp_path)
+    out = tmp_path / "sweep.sbatch"
+    assert sweep.main([str(path), "--seeds", "3", "--root", str(tmp_path / "r"), "--slurm", str(out)]) == 0
+    text = out.read_text()
+    assert "#SBATCH --array=0-2" in text and text.count("resnet_jax.train") == 3 and "--config.seed=2" in text
+    with pytest.raises(SystemExit):  # never overwrite
+        sweep.main([str(path), "--seeds", "1", "--slurm", str(out)])
+
+
+def test_sweep_bad_file(capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["/nonexistent/sweep.py"])
+    assert e.value.code == 2 and "not found" in capsys.readouterr().err
