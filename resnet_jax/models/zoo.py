@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Any
 
@@ -96,6 +97,10 @@ def parse_name(name: str) -> tuple[str, str, tuple[int, ...]]:
     return fam, block, (n, n, n)
 
 
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -108,8 +113,9 @@ def resolve_options(name: str, **options) -> dict[str, Any]:
     _check(not unknown, f"unknown model option(s) {sorted(unknown)}; valid: {sorted(DEFAULT_OPTIONS)}")
     o = {**DEFAULT_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
     spec = FAMILIES[fam]
-    o["shortcut"] = o["shortcut"] or spec["shortcut"]
-    o["width"] = o["width"] or spec["width"]
+    # `is None`, not `or`: a falsy value (width=0, shortcut='') is an error, not the default.
+    o["shortcut"] = spec["shortcut"] if o["shortcut"] is None else o["shortcut"]
+    o["width"] = spec["width"] if o["width"] is None else o["width"]
     _check(o["shortcut"] in SHORTCUTS, f"shortcut={o['shortcut']!r}; valid: {', '.join(SHORTCUTS)}")
     _check(
         not (fam.endswith("plain") and o["shortcut"] != "none"),
@@ -124,8 +130,11 @@ def resolve_options(name: str, **options) -> dict[str, Any]:
     _check(
         str(o["dtype"]) in DTYPES or o["dtype"] in DTYPES.values(), f"dtype={o['dtype']!r}; valid: {', '.join(DTYPES)}"
     )
-    _check(0.0 <= o["bn_momentum"] < 1.0, f"bn_momentum={o['bn_momentum']!r}; must be in [0, 1)")
-    _check(o["bn_epsilon"] > 0, f"bn_epsilon={o['bn_epsilon']!r}; must be > 0")
+    _check(
+        _is_real(o["bn_momentum"]) and 0.0 <= o["bn_momentum"] < 1.0,
+        f"bn_momentum={o['bn_momentum']!r}; must be in [0, 1)",
+    )
+    _check(_is_real(o["bn_epsilon"]) and o["bn_epsilon"] > 0, f"bn_epsilon={o['bn_epsilon']!r}; must be > 0")
     g = o["bn_group_size"]
     _check(g is None or (isinstance(g, int) and g >= 1), f"bn_group_size={g!r}; must be None or a positive integer")
     _check(o["scan_blocks"] in ("auto", True, False), f"scan_blocks={o['scan_blocks']!r}; valid: 'auto', True, False")
@@ -133,6 +142,7 @@ def resolve_options(name: str, **options) -> dict[str, Any]:
     _check(
         isinstance(o["zero_init_last_bn"], bool), f"zero_init_last_bn={o['zero_init_last_bn']!r}; must be True or False"
     )
+    _check(_is_real(o["gate_bias_init"]), f"gate_bias_init={o['gate_bias_init']!r}; must be a number")
     o["gate_bias_init"] = float(o["gate_bias_init"])
     o.update(family=fam, block=block, stage_sizes=sizes)
     return o
