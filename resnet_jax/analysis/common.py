@@ -1,0 +1,359 @@
+"""Plumbing shared by the analysis tools: argument parsing with one-line errors, output-file rules,
+reading a run's directory, building or restoring models, getting a few batches, plot style.
+
+JAX, Flax and the data pipelines are imported inside the functions that need them, so that the
+tools that only read ``metrics.jsonl`` and ``config.json`` (curves, results_table) start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
+
+from resnet_jax.errors import UserError
+from resnet_jax.workdir import CONFIG_FILE, load_config_dict
+
+EXIT_USAGE = 2
+
+# Paper-like figures: small, light grid, no top/right spines, readable at column width.
+PLOT_STYLE = {
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors are one line, ``error: ...``, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the whole usage block first; the project's tools print one line.
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def run_main(body: Callable[[], int | None]) -> int:
+    """Runs a tool's body; a ``UserError`` becomes one ``error: ...`` line and status 2.
+
+    Args:
+      body: the tool's work; returns an exit status or None (0).
+
+    Returns:
+      The exit status.
+    """
+    try:
+        return body() or 0
+    except UserError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "bad input"
+        print(f"error: {first}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def check_output(path: str | pathlib.Path, overwrite: bool, suffixes: Sequence[str] = (".png",)) -> pathlib.Path:
+    """Validates an output path before any expensive work, and creates its parent directory.
+
+    Args:
+      path: where the tool will write.
+      overwrite: whether an existing file may be replaced.
+      suffixes: accepted file name endings (lower case).
+
+    Returns:
+      The path.
+
+    Raises:
+      UserError: the file exists (and ``overwrite`` is False), or its suffix is not accepted.
+    """
+    p = pathlib.Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise UserError(f"output {p} must end in {' or '.join(suffixes)}")
+    if p.exists() and not overwrite:
+        raise UserError(f"{p} exists; pass --overwrite to replace it")
+    if p.is_dir():
+        raise UserError(f"{p} is a directory; give a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the directory of {p} ({e.strerror})") from None
+    return p
+
+
+def require_workdir(path: str | pathlib.Path) -> pathlib.Path:
+    """The run directory ``path``, which must exist and hold the run's ``config.json``.
+
+    Raises:
+      UserError: it does not exist, or is not a training run's directory.
+    """
+    p = pathlib.Path(path)
+    if not p.is_dir():
+        raise UserError(f"workdir {p} does not exist")
+    if not (p / CONFIG_FILE).is_file():
+        raise UserError(f"{p / CONFIG_FILE} not found: is {p} the --workdir of a training run?")
+    return p
+
+
+def read_config(workdir: str | pathlib.Path) -> dict:
+    """A run's configuration (its ``config.json``) as a plain dict.
+
+    Raises:
+      UserError: the file is missing or not valid JSON.
+    """
+    try:
+        return load_config_dict(require_workdir(workdir))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{pathlib.Path(workdir) / CONFIG_FILE} is not valid JSON ({e.msg})") from None
+
+
+def load_config(workdir: str | pathlib.Path):
+    """A run's configuration as the ``ml_collections.ConfigDict`` that trained it."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(read_config(workdir))
+
+
+# --- names and labels ---------------------------------------------------------------------------
+
+_NAME = re.compile(r"(cifar_)?(preact_)?(resnet|plain)(\d+)")
+
+
+def pretty_model_name(name: str) -> str:
+    """The paper's name of a zoo model: ``cifar_resnet56`` -> ``ResNet-56``, ``plain34`` -> ``plain-34``,
+    ``cifar_preact_resnet164`` -> ``pre-act ResNet-164``. Unknown names are returned unchanged."""
+    m = _NAME.fullmatch(name or "")
+    if not m:
+        return str(name)
+    _, preact, kind, depth = m.groups()
+    base = f"plain-{depth}" if kind == "plain" else f"ResNet-{depth}"
+    return f"pre-act {base}" if preact else base
+
+
+def model_depth(name: str) -> int | None:
+    """The depth in a model name (``cifar_resnet110`` -> 110), or None."""
+    m = _NAME.fullmatch(name or "")
+    return int(m.group(4)) if m else None
+
+
+def is_plain(config: dict) -> bool:
+    """Whether a run's network has no shortcuts (a plain family, or ``shortcut='none'``)."""
+    model = config.get("model", {})
+    return "plain" in str(model.get("name", "")) or model.get("shortcut") == "none"
+
+
+def resolved_shortcut(config: dict) -> str:
+    """The shortcut kind a run used: the configured one, or its family's default.
+
+    Imports the model zoo (and so JAX) to read the family defaults from their single source.
+    """
+    model = config.get("model", {})
+    if model.get("shortcut"):
+        return str(model["shortcut"])
+    try:
+        from resnet_jax.models.zoo import FAMILIES, parse_name
+
+        return FAMILIES[parse_name(model.get("name", ""))[0]]["shortcut"]
+    except ValueError:
+        return "?"
+
+
+def run_label(config: dict) -> str:
+    """A short legend label for a run: the paper's name of its model and a non-default shortcut."""
+    model = config.get("model", {})
+    label = pretty_model_name(model.get("name", "?"))
+    if model.get("shortcut") and not is_plain(config):
+        label += f" ({model['shortcut']})"
+    return label
+
+
+def unique_labels(labels: Sequence[str], workdirs: Sequence[str | pathlib.Path]) -> list[str]:
+    """Makes repeated labels (several seeds of one model) unique by adding the run's folder name."""
+    out = []
+    for label, wd in zip(labels, workdirs):
+        if labels.count(label) > 1:
+            label = f"{label} [{pathlib.Path(wd).name}]"
+        out.append(label)
+    return out
+
+
+def labels_for(runs: Sequence[str], labels: Sequence[str] | None) -> list[str]:
+    """The user's ``--labels`` (one per run) or labels made from each run's config.
+
+    Raises:
+      UserError: a different number of labels than runs.
+    """
+    if labels:
+        if len(labels) != len(runs):
+            raise UserError(f"--labels has {len(labels)} entries for {len(runs)} runs; give one label per run")
+        return list(labels)
+    return unique_labels([run_label(read_config(r)) for r in runs], runs)
+
+
+def check_distinct(labels: Sequence[str]) -> None:
+    """Raises a ``UserError`` naming a legend label given twice (the lines would be confused)."""
+    seen = set()
+    for label in labels:
+        if label in seen:
+            raise UserError(f"the label {label!r} is used twice; give distinct --labels")
+        seen.add(label)
+
+
+@contextlib.contextmanager
+def pyplot() -> Iterator[Any]:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed) with the paper-like style."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context(PLOT_STYLE):
+        yield plt
+
+
+# --- models and data (JAX) ----------------------------------------------------------------------
+
+
+def dataset_config(name: str, *, image_size: int | None = None, data_dir: str | None = None):
+    """``config.dataset`` for ``name`` with the base config's defaults (as a training run has it)."""
+    from resnet_jax.config import get_base_config
+
+    cfg = get_base_config().dataset
+    cfg.name = name
+    if image_size is not None:
+        cfg.image_size = image_size
+    if data_dir is not None:
+        cfg.data_dir = data_dir
+    return cfg
+
+
+def single_crop(dataset_cfg):
+    """A copy of ``dataset_cfg`` that tests one centre crop (analyses want ``[N, H, W, C]`` images)."""
+    cfg = copy.deepcopy(dataset_cfg)
+    if getattr(cfg, "eval_crops", None) is not None:
+        cfg.eval_crops = 1
+    return cfg
+
+
+def eval_images(dataset_cfg, num_images: int, batch_size: int = 256):
+    """The first ``num_images`` images of the eval split (fewer if the split is smaller).
+
+    Returns:
+      ``(images [N, H, W, C] float32, labels [N] int32)`` numpy arrays.
+    """
+    import numpy as np
+
+    from resnet_jax import data
+
+    if num_images < 1:
+        raise UserError(f"--num_images={num_images}; must be positive")
+    images, labels, have = [], [], 0
+    batches = data.eval_batches(
+        single_crop(dataset_cfg), global_batch_size=batch_size, process_index=0, process_count=1
+    )
+    for batch in batches:
+        keep = batch["mask"] > 0  # padding rows repeat example 0; they are not data
+        images.append(batch["image"][keep])
+        labels.append(batch["label"][keep])
+        have += int(keep.sum())
+        if have >= num_images:
+            break
+    if not have:
+        raise UserError("the eval split is empty")
+    return np.concatenate(images)[:num_images], np.concatenate(labels)[:num_images]
+
+
+def train_batch(dataset_cfg, batch_size: int, *, seed: int, step: int = 0) -> dict:
+    """The training batch of global step ``step`` of a run with ``seed`` (augmented as in training)."""
+    from resnet_jax import data
+
+    if batch_size < 1:
+        raise UserError(f"--batch_size={batch_size}; must be positive")
+    it = data.train_batches(
+        dataset_cfg, global_batch_size=batch_size, seed=seed, start_step=step, process_index=0, process_count=1
+    )
+    return next(it)
+
+
+def init_model(name: str, num_classes: int, *, seed: int = 0, **options):
+    """A freshly initialised zoo model; a bad name or option is a one-line ``UserError``."""
+    from flax import nnx
+
+    from resnet_jax.models import create_model
+
+    try:
+        return create_model(name, num_classes=num_classes, rngs=nnx.Rngs(seed), **options)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+class RunLoader:
+    """Restores a run's checkpoints as models (a Flax NNX ``ResNet`` in eval mode).
+
+    Builds the run's ``Trainer`` once (for the abstract state and the model graph), as
+    ``resnet_jax.train.evaluate_checkpoint`` does.
+
+    Args:
+      workdir: the training run's directory.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path):
+        from resnet_jax import data
+        from resnet_jax.checkpointing import Checkpointer
+        from resnet_jax.schedules import Durations
+        from resnet_jax.train import Trainer
+
+        self.workdir = require_workdir(workdir)
+        self.config = load_config(self.workdir)
+        self.info = data.get_info(self.config.dataset)
+        self.trainer = Trainer(self.config, self.info, Durations.from_config(self.config, self.info.num_train))
+        if not (self.workdir / "checkpoints").is_dir():
+            self.steps: list[int] = []
+        else:
+            ckpt = Checkpointer(self.workdir, read_only=True)
+            self.steps = ckpt.all_steps()
+            ckpt.close()
+
+    def resolve_step(self, step: str | int | None) -> int:
+        """``None``/'latest' -> the newest checkpoint's step; a number must be a kept checkpoint.
+
+        Raises:
+          UserError: no checkpoint, or the step is not kept.
+        """
+        if not self.steps:
+            raise UserError(f"no complete checkpoint in {self.workdir / 'checkpoints'}; train first")
+        if step is None or step == "latest":
+            return self.steps[-1]
+        if str(step).isdigit() and int(step) in self.steps:
+            return int(step)
+        raise UserError(f"{self.workdir}: no checkpoint at step {step!r}; kept steps: {self.steps}")
+
+    def model(self, step: int):
+        """The network of checkpoint ``step`` (eval mode: BatchNorm uses its running statistics)."""
+        from flax import nnx
+
+        from resnet_jax.checkpointing import Checkpointer
+
+        ckpt = Checkpointer(self.workdir, read_only=True)
+        try:
+            state = ckpt.restore(step, self.trainer.abstract_state)
+        finally:
+            ckpt.close()
+        return nnx.merge(self.trainer.graphdef_eval, state["params"], state["batch_stats"], copy=True)
+
+    def init(self):
+        """The network as the run initialised it (its seed), before step 1, in eval mode."""
+        from resnet_jax.train import build_model
+
+        model = build_model(self.config, self.info.num_classes, seed=self.config.seed)
+        model.eval()
+        return model

@@ -1,0 +1,293 @@
+"""Layer responses (paper 1, Fig. 7): the standard deviation of each residual branch's output.
+
+For every block, the response is the branch output ``F(x)`` after its last BatchNorm and before
+the addition (and the ReLU after it); in a plain network it is the block's output before its last
+ReLU, the same place in the same layers. A pre-activation block (paper 2) has no BN after its last
+convolution: its response is that convolution's output. Paper 1 finds that ResNets respond more weakly than plain
+nets, and deeper ResNets more weakly still: the residual functions are close to zero.
+
+Definition used here: the population standard deviation (ddof=0) of all ``N * H * W * C`` values
+of a block's response over the images (batch, spatial positions and channels pooled), computed in
+eval mode (BatchNorm uses its running statistics, as at test time) unless ``train=True``. Images
+are processed in chunks; the per-chunk means and variances are merged exactly (pooled variance).
+
+For a freshly initialised network neither mode says much: the running statistics are still
+mean 0, variance 1, so in eval mode BN passes the convolution output through nearly unchanged,
+and in train mode each response is normalised to std ~1 (scale 1, bias 0) by construction. With
+a zero-initialised last BN scale (the zoo's default) every residual response is exactly 0.
+
+Usage::
+
+  # trained runs (latest checkpoint, or --checkpoint STEP), on a few eval batches of their dataset
+  python -m resnet_jax.analysis.layer_responses --runs runs/plain20 runs/resnet20 runs/resnet56 \
+      --out fig7.png [--labels plain-20 ResNet-20 ResNet-56] [--num_images 500] [--json fig7.json]
+  python -m resnet_jax.analysis.layer_responses --workdir runs/resnet20    # -> runs/resnet20/layer_responses.png
+  # freshly initialised networks
+  python -m resnet_jax.analysis.layer_responses --models cifar_plain20 cifar_resnet20 --dataset digits \
+      --out init.png [--width 16] [--zero_init_last_bn false] [--seed 0]
+
+Library: ``layer_responses(model, images) -> np.ndarray [num_blocks]`` and
+``plot_layer_responses({label: values}, out, plain_labels=...)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from collections.abc import Collection, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from resnet_jax.analysis import common
+from resnet_jax.errors import UserError
+
+DEFAULT_NUM_IMAGES = 500
+DEFAULT_OUT = "layer_responses.png"
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "train"))
+def _chunk_moments(graphdef, state, images, *, train: bool):
+    """Per block: the mean and (population) variance of the response over one chunk of images."""
+    model = nnx.merge(graphdef, state)
+    # The mode is set on this traced copy only: the caller's model is never switched or updated.
+    if train:
+        model.train()
+    else:
+        model.eval()
+    _, parts = model.block_outputs(images)
+    means, variances = [], []
+    for part in parts:
+        r = part["residual"].astype(jnp.float32)  # bf16 runs: the moments in float32
+        m = jnp.mean(r)
+        # Two-pass variance: exactly 0 for a zero response (zero-initialised last BN).
+        means.append(m)
+        variances.append(jnp.mean(jnp.square(r - m)))
+    return jnp.stack(means), jnp.stack(variances)
+
+
+def layer_responses(model, images, *, train: bool = False, batch_size: int = 256) -> np.ndarray:
+    """The standard deviation of each block's residual-branch output.
+
+    Args:
+      model: a ``ResNet`` of the zoo (residual or plain), in any mode; it is not modified.
+      images: ``[N, H, W, C]`` float images (numpy or JAX).
+      train: use batch statistics in BatchNorm (each chunk normalised by its own statistics, as in
+        a training step) instead of the running statistics (test time, the default).
+      batch_size: images per forward pass; the moments of the chunks are pooled exactly.
+
+    Returns:
+      ``float64 [num_blocks]``, in network order: the population std (ddof=0) over all
+      ``N * H * W * C`` values of the block's response, after the branch's last BN and before the
+      addition.
+
+    Raises:
+      ValueError: no images, or ``batch_size < 1``.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or not len(images):
+        raise ValueError(f"images must be a non-empty [N, H, W, C] array, got shape {images.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; must be positive")
+    graphdef, state = nnx.split(model)
+    weights, means, variances = [], [], []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        m, v = _chunk_moments(graphdef, state, chunk, train=train)
+        weights.append(len(chunk))  # every block sees the same H*W*C per image: weight by images
+        means.append(np.asarray(m, np.float64))
+        variances.append(np.asarray(v, np.float64))
+    w = np.asarray(weights, np.float64)[:, None] / sum(weights)
+    means, variances = np.stack(means), np.stack(variances)  # [chunks, blocks]
+    mean = (w * means).sum(0)
+    # Pooled variance: within-chunk variance plus the spread of the chunk means.
+    var = (w * (variances + (means - mean) ** 2)).sum(0)
+    return np.sqrt(var)
+
+
+def plot_layer_responses(
+    responses: Mapping[str, Sequence[float]],
+    out: str | pathlib.Path,
+    *,
+    plain_labels: Collection[str] = (),
+    title: str | None = None,
+) -> pathlib.Path:
+    """Fig. 7 of paper 1: the responses by layer index (top) and sorted by magnitude (bottom).
+
+    Args:
+      responses: label -> one std per block, in network order.
+      out: the PNG to write (replaced if it exists).
+      plain_labels: the labels of plain networks, drawn dashed (residual networks solid).
+      title: an optional figure title.
+
+    Returns:
+      The path written.
+    """
+    out = pathlib.Path(out)
+    with common.pyplot() as plt:
+        from matplotlib.ticker import MaxNLocator
+
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 6.0))
+        for i, (label, values) in enumerate(responses.items()):
+            values = np.asarray(values, np.float64)
+            style = dict(color=f"C{i % 10}", linestyle="--" if label in plain_labels else "-", linewidth=1.2)
+            x = np.arange(1, len(values) + 1)
+            ax1.plot(x, values, label=label, **style)
+            ax2.plot(x, np.sort(values)[::-1], label=label, **style)
+        ax1.set(xlabel="layer index (original)", ylabel="std")
+        ax2.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
+        for ax in (ax1, ax2):
+            ax.set_ylim(bottom=0)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(loc="best")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out)
+        plt.close(fig)
+    return out
+
+
+def _bool(value: str) -> bool:
+    choices = {"true": True, "false": False, "1": True, "0": False}
+    if value.lower() not in choices:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}; valid: true, false")
+    return choices[value.lower()]
+
+
+def add_model_arguments(parser) -> None:
+    """Flags that build freshly initialised networks (shared with ``gradient_flow``)."""
+    from resnet_jax.data import DATASET_NAMES
+
+    g = parser.add_argument_group("freshly initialised networks")
+    g.add_argument("--models", "--model", nargs="+", default=[], metavar="NAME", help="zoo names, e.g. cifar_plain20")
+    g.add_argument("--dataset", default="digits", choices=DATASET_NAMES, help="data for --models (default digits)")
+    g.add_argument("--image_size", type=int, default=None, help="resize the dataset's images (default: native)")
+    g.add_argument("--data_dir", default=None, help="TFDS data_dir for cifar10/cifar100/imagenet2012")
+    g.add_argument("--width", type=int, default=None, help="base width of --models (default: the family's)")
+    g.add_argument("--shortcut", default=None, help="shortcut kind of residual --models (default: the family's)")
+    # Paper 1 did not zero-initialise the last BN of each block; the zoo does by default, which
+    # makes every residual branch (and the gradient of its last conv) exactly 0 at initialisation.
+    g.add_argument(
+        "--zero_init_last_bn",
+        type=_bool,
+        default=False,
+        metavar="{true,false}",
+        help="zero-initialise each residual block's last BN scale (default false, as in paper 1)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="initialisation seed of --models")
+
+
+def model_options(args) -> dict:
+    """The ``create_model`` options given on the command line (None = the family's default)."""
+    opts = {"width": args.width, "zero_init_last_bn": args.zero_init_last_bn}
+    if args.shortcut is not None:
+        opts["shortcut"] = args.shortcut
+    return opts
+
+
+def _parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(prog="python -m resnet_jax.analysis.layer_responses", description=__doc__.split("\n")[0])
+    g = p.add_argument_group("trained runs")
+    g.add_argument("--runs", "--workdir", nargs="+", default=[], metavar="DIR", help="training run directories")
+    g.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint step (default latest)")
+    add_model_arguments(p)
+    p.add_argument("--num_images", type=int, default=DEFAULT_NUM_IMAGES, help="eval images to use (default 500)")
+    p.add_argument("--batch_size", type=int, default=250, help="images per forward pass (default 250)")
+    p.add_argument("--train_mode", action="store_true", help="BatchNorm with batch statistics instead of running")
+    p.add_argument("--labels", nargs="+", default=None, help="one legend label per run, then per model")
+    p.add_argument("--out", default=None, help=f"the PNG (default with one run: DIR/{DEFAULT_OUT})")
+    p.add_argument("--json", default=None, help="also write the values as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return p
+
+
+def _run(args) -> int:
+    n_sources = len(args.runs) + len(args.models)
+    if not n_sources:
+        raise UserError("nothing to analyse: give --runs DIR... and/or --models NAME...")
+    if args.out is None:
+        if n_sources != 1 or not args.runs:
+            raise UserError("--out is required with several runs or with --models")
+        args.out = str(pathlib.Path(args.runs[0]) / DEFAULT_OUT)
+    if args.labels is not None and len(args.labels) != n_sources:
+        raise UserError(f"--labels has {len(args.labels)} entries for {n_sources} runs and models")
+    for r in args.runs:
+        common.require_workdir(r)
+    out = common.check_output(args.out, args.overwrite)
+    json_out = common.check_output(args.json, args.overwrite, (".json",)) if args.json else None
+    if args.num_images < 1:
+        raise UserError(f"--num_images={args.num_images}; must be positive")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size={args.batch_size}; must be positive")
+
+    from resnet_jax import data
+
+    labels = list(args.labels or [])
+    results: dict[str, dict] = {}
+    plain: set[str] = set()
+    image_cache: dict[str, np.ndarray] = {}
+
+    def images_for(dataset_cfg) -> np.ndarray:
+        key = json.dumps(dataset_cfg.to_dict(), sort_keys=True, default=str)
+        if key not in image_cache:
+            image_cache[key] = common.eval_images(dataset_cfg, args.num_images)[0]
+        return image_cache[key]
+
+    def responses(model, images) -> np.ndarray:
+        try:
+            return layer_responses(model, images, train=args.train_mode, batch_size=args.batch_size)
+        except ValueError as e:  # e.g. train mode with chunks not divisible by the run's bn_group_size
+            raise UserError(str(e)) from None
+
+    run_labels = common.labels_for(args.runs, labels[: len(args.runs)] or None) if args.runs else []
+    model_labels = labels[len(args.runs) :] or [f"{common.pretty_model_name(m)} (init)" for m in args.models]
+    common.check_distinct(run_labels + model_labels)
+    # Every run and checkpoint is checked before the first (slow) forward pass.
+    plan = [(common.RunLoader(w), label) for w, label in zip(args.runs, run_labels)]
+    plan = [(loader, loader.resolve_step(args.checkpoint), label) for loader, label in plan]
+    for loader, step, label in plan:
+        values = responses(loader.model(step), images_for(loader.config.dataset))
+        cfg = loader.config.to_dict()
+        results[label] = {"workdir": str(loader.workdir), "step": step, "model": cfg["model"]["name"], "std": values}
+        if common.is_plain(cfg):
+            plain.add(label)
+
+    if args.models:
+        dataset_cfg = common.dataset_config(args.dataset, image_size=args.image_size, data_dir=args.data_dir)
+        info = data.get_info(dataset_cfg)
+        for name, label in zip(args.models, model_labels):
+            model = common.init_model(name, info.num_classes, seed=args.seed, **model_options(args))
+            values = responses(model, images_for(dataset_cfg))
+            results[label] = {"model": name, "step": 0, "std": values}
+            if common.is_plain({"model": {"name": name, "shortcut": args.shortcut}}):
+                plain.add(label)
+
+    mode = "train mode, BN batch statistics" if args.train_mode else "eval mode, BN running statistics"
+    for label, r in results.items():
+        v = r["std"]
+        print(f"{label}: {len(v)} blocks, std mean {v.mean():.4f} (min {v.min():.4f}, max {v.max():.4f})")
+    plot_layer_responses({k: r["std"] for k, r in results.items()}, out, plain_labels=plain)
+    print(f"wrote {out} ({mode})")
+    if json_out is not None:
+        payload = {k: {**r, "std": [float(x) for x in r["std"]]} for k, r in results.items()}
+        json_out.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {json_out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0, or 2 after a one-line ``error: ...``)."""
+    args = _parser().parse_args(argv)
+    return common.run_main(lambda: _run(args))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Results tables: final test error of runs, mean +- std over seeds, beside the papers' numbers.
+
+Each run's final test error is ``100 * (1 - eval/top1_acc)`` of the last eval row of its
+``metrics.jsonl``. Runs are grouped by their configuration minus the seed: the group key is the
+dataset, the model name, the shortcut kind (the family's default when not set), and every other
+config key whose value differs between the runs given, except keys that cannot change the result
+(seed, logging, checkpointing, data location, scan/remat: see ``IGNORED_KEYS``). Those differing
+keys are shown in a "setting" column. Each group shows the mean and the sample standard deviation
+(ddof=1, as papers report "mean +- std" over a few runs) of its runs' errors, the number of seeds,
+and the final iteration. Runs without an eval row are skipped with a warning.
+
+The "paper" column is the published number for the same (dataset, model, shortcut), where one
+exists (``PAPER``): paper 1's CIFAR-10 Table 6 and ImageNet 10-crop top-1 (Tables 2-4), paper 2's
+Table 1 shortcut variants of ResNet-110 and its pre-activation CIFAR table.
+
+Usage::
+
+  python -m resnet_jax.analysis.results_table --root runs/ [--markdown results.md] [--latex results.tex]
+  python -m resnet_jax.analysis.results_table --runs runs/resnet20_s0 runs/resnet20_s1 runs/resnet20_s2
+
+The markdown table is printed in every case.
+
+Library: ``collect(workdirs) -> rows``, ``to_markdown(rows)``, ``to_latex(rows)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+
+from resnet_jax.analysis import common
+from resnet_jax.errors import UserError
+from resnet_jax.logbook import METRICS_FILE, read_metrics
+from resnet_jax.workdir import CONFIG_FILE
+
+log = logging.getLogger("resnet_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperNumber:
+    """A published test error in %, with what it is (``note``), e.g. 'best of 5; mean 6.61'."""
+
+    error: float
+    note: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.error:.2f}" + (f" ({self.note})" if self.note else "")
+
+
+# (dataset, zoo model name, shortcut) -> the paper's test error in %. From
+# shared/reference/papers.md. Paper 2's "original" ResNet-164/1001 are bottleneck nets with
+# post-activation, which the zoo has no CIFAR family for, so they are not listed.
+PAPER: dict[tuple[str, str, str], PaperNumber] = {
+    # Paper 1, Table 6 (CIFAR-10, option A).
+    ("cifar10", "cifar_resnet20", "A"): PaperNumber(8.75),
+    ("cifar10", "cifar_resnet32", "A"): PaperNumber(7.51),
+    ("cifar10", "cifar_resnet44", "A"): PaperNumber(7.17),
+    ("cifar10", "cifar_resnet56", "A"): PaperNumber(6.97),
+    ("cifar10", "cifar_resnet110", "A"): PaperNumber(6.43, "best of 5; mean 6.61"),
+    ("cifar10", "cifar_resnet1202", "A"): PaperNumber(7.93),
+    # Paper 2, Table 1: ResNet-110 shortcut variants on CIFAR-10 (gates: bias init -6).
+    ("cifar10", "cifar_resnet110", "scaled"): PaperNumber(12.35),
+    ("cifar10", "cifar_resnet110", "gated"): PaperNumber(8.70),
+    ("cifar10", "cifar_resnet110", "shortcut_gated"): PaperNumber(6.91),
+    ("cifar10", "cifar_resnet110", "C"): PaperNumber(12.22),
+    # Paper 2, full pre-activation.
+    ("cifar10", "cifar_preact_resnet164", "B"): PaperNumber(5.46),
+    ("cifar100", "cifar_preact_resnet164", "B"): PaperNumber(24.33),
+    ("cifar10", "cifar_preact_resnet1001", "B"): PaperNumber(4.92, "mean 4.89"),
+    ("cifar100", "cifar_preact_resnet1001", "B"): PaperNumber(22.71, "mean 22.68"),
+    # Paper 1, ImageNet validation top-1 error, 10-crop testing.
+    ("imagenet2012", "plain18", "none"): PaperNumber(27.94, "10-crop"),
+    ("imagenet2012", "resnet18", "A"): PaperNumber(27.88, "10-crop"),
+    ("imagenet2012", "plain34", "none"): PaperNumber(28.54, "10-crop"),
+    ("imagenet2012", "resnet34", "A"): PaperNumber(25.03, "10-crop"),
+    ("imagenet2012", "resnet34", "B"): PaperNumber(24.52, "10-crop"),
+    ("imagenet2012", "resnet34", "C"): PaperNumber(24.19, "10-crop"),
+    ("imagenet2012", "resnet50", "B"): PaperNumber(22.85, "10-crop"),
+    ("imagenet2012", "resnet101", "B"): PaperNumber(21.75, "10-crop"),
+    ("imagenet2012", "resnet152", "B"): PaperNumber(21.43, "10-crop"),
+    # Paper 2, ImageNet, single 320x320 crop.
+    ("imagenet2012", "preact_resnet200", "B"): PaperNumber(20.7, "320 crop"),
+    ("imagenet2012", "resnet200", "B"): PaperNumber(21.8, "320 crop"),
+}
+
+# Keys that do not change what a run computes, or that every run has its own value of.
+IGNORED_KEYS = frozenset(
+    {
+        "seed",
+        "progress_bar",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "skip_nonfinite",
+        "shard_params",  # the same arithmetic, laid out differently
+        "dataset.data_dir",
+        "dataset.manual_dir",
+        "model.scan_blocks",  # the same network, compiled differently
+        "model.remat",
+    }
+)
+# Shown in their own columns.
+_OWN_COLUMNS = frozenset({"model.name", "model.shortcut", "dataset.name"})
+_DATASET_ORDER = {"digits": 0, "cifar10": 1, "cifar100": 2, "imagenet2012": 3, "synthetic": 4}
+
+
+@dataclasses.dataclass
+class Row:
+    """One group of runs (the seeds of one configuration).
+
+    Attributes:
+      dataset: ``config.dataset.name``.
+      model_name: the zoo name (``cifar_resnet20``).
+      shortcut: the shortcut kind used.
+      setting: the config keys that set this group apart from the others (``key=value, ...``).
+      errors: each run's final test error, %.
+      steps: each run's final eval step.
+      workdirs: the runs.
+      paper: the published number, if any.
+    """
+
+    dataset: str
+    model_name: str
+    shortcut: str
+    setting: str
+    errors: list[float]
+    steps: list[int]
+    workdirs: list[str]
+    paper: PaperNumber | None
+
+    @property
+    def model(self) -> str:
+        return common.pretty_model_name(self.model_name)
+
+    @property
+    def n(self) -> int:
+        return len(self.errors)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.errors)
+
+    @property
+    def std(self) -> float:
+        """The sample standard deviation (ddof=1); NaN for a single run."""
+        return statistics.stdev(self.errors) if self.n > 1 else math.nan
+
+    def error_text(self, pm: str = "±") -> str:
+        return f"{self.mean:.2f}" if self.n == 1 else f"{self.mean:.2f} {pm} {self.std:.2f}"
+
+    def steps_text(self) -> str:
+        lo, hi = min(self.steps), max(self.steps)
+        return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def _flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
+    """``{"model": {"name": x}}`` -> ``{"model.name": json(x)}`` (JSON text: lists compare and hash)."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def final_test_error(workdir: str | pathlib.Path) -> tuple[int, float] | None:
+    """``(step, error in %)`` of the last eval row of a run's ``metrics.jsonl``, or None."""
+    evals = [r for r in read_metrics(workdir) if "eval/top1_acc" in r]
+    if not evals:
+        return None
+    last = max(evals, key=lambda r: r["step"])
+    return int(last["step"]), 100.0 * (1.0 - float(last["eval/top1_acc"]))
+
+
+def find_workdirs(root: str | pathlib.Path) -> list[pathlib.Path]:
+    """Every run directory under ``root`` (``root`` included): the folders holding a ``config.json``."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise UserError(f"--root {root} does not exist")
+    return sorted(p.parent for p in root.rglob(CONFIG_FILE))
+
+
+def _sort_key(row: Row) -> tuple:
+    family = row.model_name.rstrip("0123456789")
+    return (
+        _DATASET_ORDER.get(row.dataset, 9),
+        row.dataset,
+        family,
+        common.model_depth(row.model_name) or 0,
+        row.shortcut,
+        row.setting,
+    )
+
+
+def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
+    """Groups runs by configuration (minus seed) and gathers their final test errors.
+
+    Args:
+      workdirs: training run directories (each with ``config.json`` and ``metrics.jsonl``).
+
+    Returns:
+      One ``Row`` per group, sorted by dataset, family, depth, shortcut and setting. Runs without
+      an eval row are left out (with a logged warning).
+
+    Raises:
+      UserError: a directory that is not a run (no ``config.json``).
+    """
+    runs = []
+    for wd in workdirs:
+        cfg = common.read_config(wd)
+        final = final_test_error(wd)
+        if final is None:
+            log.warning("skipping %s: no eval row in its %s", wd, METRICS_FILE)
+            continue
+        runs.append((str(wd), cfg, _flatten(cfg), final))
+    keys = sorted({k for _, _, flat, _ in runs for k in flat})
+    varying = [
+        k
+        for k in keys
+        if k not in IGNORED_KEYS
+        and k not in _OWN_COLUMNS
+        and len({flat.get(k, "<unset>") for _, _, flat, _ in runs}) > 1
+    ]
+    groups: dict[tuple, Row] = {}
+    for wd, cfg, flat, (step, error) in runs:
+        dataset = str(cfg.get("dataset", {}).get("name", "?"))
+        name = str(cfg.get("model", {}).get("name", "?"))
+        shortcut = common.resolved_shortcut(cfg)
+        setting = ", ".join(f"{k}={json.loads(flat[k]) if k in flat else 'unset'}" for k in varying)
+        key = (dataset, name, shortcut, setting)
+        if key not in groups:
+            groups[key] = Row(dataset, name, shortcut, setting, [], [], [], PAPER.get((dataset, name, shortcut)))
+        groups[key].errors.append(error)
+        groups[key].steps.append(step)
+        groups[key].workdirs.append(wd)
+    return sorted(groups.values(), key=_sort_key)
+
+
+_HEADER = ("dataset", "model", "shortcut", "setting", "seeds", "iterations", "test error (%)", "paper (%)")
+
+
+def _cells(row: Row, pm: str) -> list[str]:
+    paper = str(row.paper) if row.paper else "–"
+    return [row.dataset, row.model, row.shortcut, row.setting, str(row.n), row.steps_text(), row.error_text(pm), paper]
+
+
+def _columns(rows: Sequence[Row]) -> list[int]:
+    # The setting column only when some group has one.
+    return [i for i in range(len(_HEADER)) if i != 3 or any(r.setting for r in rows)]
+
+
+def to_markdown(rows: Sequence[Row]) -> str:
+    """The rows as a GitHub markdown table (test error: mean ± sample std over seeds)."""
+    cols = _columns(rows)
+    lines = ["| " + " | ".join(_HEADER[i] for i in cols) + " |"]
+    lines.append("|" + "|".join("---:" if _HEADER[i] in ("seeds", "iterations") else "---" for i in cols) + "|")
+    for r in rows:
+        cells = _cells(r, "±")
+        lines.append("| " + " | ".join(cells[i].replace("|", "\\|") for i in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_ESCAPES.get(c, c) for c in text)
+
+
+def to_latex(rows: Sequence[Row]) -> str:
+    """The rows as a LaTeX ``tabular`` (no packages needed beyond LaTeX itself)."""
+    cols = _columns(rows)
+    align = "".join("r" if _HEADER[i] in ("seeds", "iterations", "test error (%)", "paper (%)") else "l" for i in cols)
+    lines = [f"\\begin{{tabular}}{{{align}}}", "\\hline"]
+    lines.append(" & ".join(_latex_escape(_HEADER[i]) for i in cols) + r" \\")
+    lines.append("\\hline")
+    for r in rows:
+        cells = [_latex_escape(c) for c in _cells(r, "PLUSMINUS")]
+        cells = [c.replace("PLUSMINUS", "$\\pm$").replace("–", "--") for c in cells]
+        lines.append(" & ".join(cells[i] for i in cols) + r" \\")
+    lines += ["\\hline", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(prog="python -m resnet_jax.analysis.results_table", description=__doc__.split("\n")[0])
+    p.add_argument("--runs", nargs="+", default=[], metavar="DIR", help="training run directories")
+    p.add_argument("--root", default=None, help="use every run directory below this folder")
+    p.add_argument("--markdown", default=None, help="write the markdown table to this .md file")
+    p.add_argument("--latex", default=None, help="write the LaTeX tabular to this .tex file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return p
+
+
+def _run(args) -> int:
+    if not args.runs and not args.root:
+        raise UserError("give --runs DIR... or --root DIR")
+    for r in args.runs:
+        common.require_workdir(r)
+    workdirs = [pathlib.Path(r) for r in args.runs]
+    if args.root:
+        found = find_workdirs(args.root)
+        if not found:
+            raise UserError(f"no run directory (with a {CONFIG_FILE}) under {args.root}")
+        seen = {w.resolve() for w in workdirs}
+        workdirs += [w for w in found if w.resolve() not in seen]
+    md_out = common.check_output(args.markdown, args.overwrite, (".md",)) if args.markdown else None
+    tex_out = common.check_output(args.latex, args.overwrite, (".tex",)) if args.latex else None
+    rows = collect(workdirs)
+    if not rows:
+        raise UserError(f"none of the {len(workdirs)} runs has an eval row in its {METRICS_FILE}")
+    md = to_markdown(rows)
+    print(md, end="")
+    if md_out is not None:
+        md_out.write_text(md)
+        print(f"wrote {md_out}", file=sys.stderr)  # stdout stays the table alone
+    if tex_out is not None:
+        tex_out.write_text(to_latex(rows))
+        print(f"wrote {tex_out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0, or 2 after a one-line ``error: ...``)."""
+    args = _parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+    return common.run_main(lambda: _run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

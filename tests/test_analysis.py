@@ -1,0 +1,281 @@
+"""The analysis tools: layer responses, gradient flow, error curves and results tables.
+
+Tiny networks (width 4 on 8x8 inputs) keep the JAX tests to a few compilations; curves and tables
+run on fake run directories with hand-written ``config.json`` and ``metrics.jsonl``. One real
+3-step digits run (module fixture) checks the checkpoint path end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from resnet_jax.analysis import curves, gradient_flow, layer_responses, results_table
+from resnet_jax.config import get_base_config
+from resnet_jax.models import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny(name: str, **options):
+    return create_model(name, num_classes=10, rngs=nnx.Rngs(0), width=4, **options)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).normal(size=(12, 8, 8, 3)).astype(np.float32)
+
+
+def is_png(path) -> bool:
+    return path.exists() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# --- layer responses ----------------------------------------------------------------------------
+
+
+def test_layer_responses_one_positive_value_per_block(images):
+    """One finite, positive std per block (3 for a CIFAR 8-layer net), plain nets included; the
+    model's mode is untouched; in train mode BN (scale 1, bias 0) makes each response std ~1."""
+    model = tiny("cifar_resnet8", zero_init_last_bn=False)
+    values = layer_responses.layer_responses(model, images)
+    assert values.shape == (3,) and values.dtype == np.float64
+    assert np.all(np.isfinite(values)) and np.all(values > 0)
+    # Chunking pools the moments exactly.
+    np.testing.assert_allclose(layer_responses.layer_responses(model, images, batch_size=6), values, rtol=1e-5)
+    train = layer_responses.layer_responses(model, images, train=True, batch_size=len(images))
+    np.testing.assert_allclose(train, 1.0, atol=1e-3)
+    assert model.bn1.use_running_average is False  # still in the train mode create_model returns
+    plain = layer_responses.layer_responses(tiny("cifar_plain8", zero_init_last_bn=True), images)
+    assert plain.shape == (3,) and np.all(plain > 0)  # a plain block is never zero-initialised
+
+
+def test_layer_responses_zero_init_is_exactly_zero(images):
+    """A zero-initialised last BN scale makes every branch output exactly 0: in train mode, and in
+    eval mode too (running mean 0, var 1: the output is 0 * x / sqrt(1 + eps) + 0)."""
+    model = tiny("cifar_resnet8", zero_init_last_bn=True)
+    assert np.all(layer_responses.layer_responses(model, images, train=True) == 0.0)
+    assert np.all(layer_responses.layer_responses(model, images) == 0.0)
+
+
+def test_plot_layer_responses(tmp_path):
+    out = layer_responses.plot_layer_responses(
+        {"plain-8": [0.9, 0.5, 0.7], "ResNet-8": [0.4, 0.3, 0.2]}, tmp_path / "fig7.png", plain_labels={"plain-8"}
+    )
+    assert is_png(out)
+
+
+# --- gradient flow ------------------------------------------------------------------------------
+
+
+def test_gradient_norms_in_network_order(images):
+    """One finite norm per conv kernel and the fc kernel in network order: the stem first, each
+    block's branch convs then its projection shortcut, each block of a scanned stack, fc last."""
+    batch = {"image": images, "label": np.arange(len(images)) % 10}
+    model = tiny("cifar_resnet14", shortcut="B", scan_blocks=True, zero_init_last_bn=False)
+    norms = gradient_flow.gradient_norms(model, batch)
+    stage = [
+        "stages.{i}.blocks.0.conv1.kernel",
+        "stages.{i}.blocks.0.conv2.kernel",
+        "stages.{i}.blocks.0.shortcut.conv.kernel",
+        "stages.{i}.scanned.conv1.kernel[0]",
+        "stages.{i}.scanned.conv2.kernel[0]",
+    ]
+    expected = ["conv1.kernel"]
+    for i in range(3):
+        expected += [s.format(i=i) for s in stage if i > 0 or "shortcut" not in s]  # stage 0 keeps the shape
+    names = [n for n, _ in norms]
+    assert names == expected + ["fc.kernel"]
+    assert all(np.isfinite(v) and v > 0 for _, v in norms)
+    assert sum(gradient_flow.is_main_path(n) for n in names) == 14  # the depth of cifar_resnet14
+
+    # Behind a zero-initialised last BN the whole branch gets no gradient; projections and fc do.
+    zero = dict(gradient_flow.gradient_norms(tiny("cifar_resnet14", shortcut="B", scan_blocks=True), batch))
+    assert zero["stages.1.scanned.conv1.kernel[0]"] == 0.0 and zero["stages.0.blocks.0.conv2.kernel"] == 0.0
+    assert zero["stages.1.blocks.0.shortcut.conv.kernel"] > 0 and zero["fc.kernel"] > 0
+
+
+def test_cli_on_initialised_models(tmp_path, capsys):
+    """--models builds fresh networks (the tiny ones above: their compilations are reused)."""
+    out = tmp_path / "init.png"
+    common = ["--dataset", "digits", "--width", "4", "--batch_size", "12"]
+    argv = ["--models", "cifar_plain8", "cifar_resnet8", *common, "--num_images", "12", "--out", str(out)]
+    assert layer_responses.main(argv) == 0
+    assert is_png(out)
+    printed = capsys.readouterr().out
+    assert "plain-8 (init): 3 blocks" in printed and "ResNet-8 (init): 3 blocks" in printed
+    js = tmp_path / "grad.json"
+    argv = ["--models", "cifar_resnet8", *common, "--out", str(tmp_path / "grad.png"), "--json", str(js)]
+    assert gradient_flow.main(argv) == 0
+    (entry,) = json.loads(js.read_text()).values()
+    assert len(entry["norms"]) == 8 and all(n > 0 for _, n in entry["norms"])  # zero_init_last_bn off
+
+
+# --- fake runs for curves and tables ------------------------------------------------------------
+
+
+def fake_run(path, model="cifar_resnet20", acc=0.9, seed=0, dataset="cifar10", evals=True, **overrides):
+    """A run directory with a config.json like the trainer's and a short metrics.jsonl."""
+    cfg = get_base_config()
+    cfg.model.name = model
+    cfg.dataset.name = dataset
+    cfg.seed = seed
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    rows = []
+    for step in (100, 200, 300, 400):
+        rows.append({"step": step, "train/loss": 1.0 / step, "train/top1_acc": acc + 0.02, "train/lr": 0.1})
+        if evals and step % 200 == 0:
+            rows.append({"step": step, "eval/loss": 0.5, "eval/top1_acc": acc - (0.05 if step < 400 else 0.0)})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+    root = tmp_path / "runs"
+    runs = [fake_run(root / f"resnet20_s{s}", acc=a, seed=s) for s, a in enumerate((0.91, 0.92, 0.93))]
+    runs.append(fake_run(root / "plain20", model="cifar_plain20", acc=0.88))
+    runs.append(fake_run(root / "resnet56", model="cifar_resnet56", acc=0.94))
+    return root, runs
+
+
+def test_curves_plot(fake_runs, tmp_path, capsys):
+    _, runs = fake_runs
+    out = curves.plot_error_curves({"ResNet-20": runs[0], "plain-20": runs[3]}, tmp_path / "fig6.png")
+    assert is_png(out)
+    steps, errors = curves.error_curves(runs[0])["test"]
+    assert steps == [200, 400] and errors == pytest.approx([14.0, 9.0])
+    # CLI: default labels from the configs (repeated ones made unique), no overwrite.
+    out2 = tmp_path / "cli.png"
+    assert curves.main(["--runs", *map(str, runs), "--out", str(out2)]) == 0
+    assert is_png(out2)
+    assert curves.main(["--runs", str(runs[0]), "--out", str(out2)]) == 2
+    assert "--overwrite" in one_line_error(capsys)
+    assert curves.main(["--runs", str(runs[0]), "--out", str(out2), "--overwrite"]) == 0
+
+
+def test_results_table_groups_seeds(fake_runs, tmp_path, capsys):
+    root, runs = fake_runs
+    fake_run(root / "no_eval", evals=False)  # skipped: no eval row
+    rows = results_table.collect(results_table.find_workdirs(root))
+    by_model = {r.model: r for r in rows}
+    assert [r.model for r in rows] == ["plain-20", "ResNet-20", "ResNet-56"]
+    r20 = by_model["ResNet-20"]
+    assert r20.n == 3 and r20.shortcut == "A" and r20.setting == ""
+    assert r20.error_text() == "8.00 ± 1.00"  # errors 9, 8, 7: sample std (ddof=1) is 1
+    assert r20.paper.error == 8.75 and by_model["ResNet-56"].paper.error == 6.97
+    assert by_model["plain-20"].paper is None and by_model["plain-20"].shortcut == "none"
+    md = results_table.to_markdown(rows)
+    line = next(ln for ln in md.splitlines() if "ResNet-20" in ln)
+    assert "8.00 ± 1.00" in line and "8.75" in line and "| 3 |" in line
+    assert "setting" not in md
+    tex = results_table.to_latex(rows)
+    assert "\\begin{tabular}" in tex and "8.00 $\\pm$ 1.00" in tex and "\\end{tabular}" in tex
+
+    # A run with another learning rate is its own group, named by the differing key.
+    fake_run(root / "resnet20_lr", acc=0.95, learning_rate=0.2)
+    rows = results_table.collect(results_table.find_workdirs(root))
+    settings = {(r.model, r.setting): r.n for r in rows}
+    assert settings[("ResNet-20", "learning_rate=0.2")] == 1 and settings[("ResNet-20", "learning_rate=0.1")] == 3
+
+    md_out, tex_out = tmp_path / "t.md", tmp_path / "t.tex"
+    argv = ["--root", str(root), "--markdown", str(md_out), "--latex", str(tex_out)]
+    assert results_table.main(argv) == 0
+    assert "8.00 ± 1.00" in capsys.readouterr().out
+    assert "\\begin{tabular}" in tex_out.read_text() and "8.75" in md_out.read_text()
+    assert results_table.main(argv) == 2
+    assert "exists" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("module", [layer_responses, gradient_flow, curves, results_table])
+def test_cli_errors_are_one_line(module, tmp_path, capsys):
+    argv = ["--runs", str(tmp_path / "missing")]
+    if module is not results_table:
+        argv += ["--out", str(tmp_path / "x.png")]
+    assert module.main(argv) == 2
+    assert "does not exist" in one_line_error(capsys)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--no_such_flag"])
+    assert e.value.code == 2
+    one_line_error(capsys)
+
+
+def test_cli_errors_without_runs(tmp_path, capsys):
+    assert layer_responses.main(["--out", str(tmp_path / "x.png")]) == 2
+    assert "nothing to analyse" in one_line_error(capsys)
+    assert gradient_flow.main(["--models", "cifar_resnet7", "--out", str(tmp_path / "x.png")]) == 2
+    assert "6n+2" in one_line_error(capsys)
+    assert results_table.main([]) == 2
+    one_line_error(capsys)
+
+
+# --- a real run ---------------------------------------------------------------------------------
+
+
+def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A 3-step digits run of CIFAR ResNet-8 with a checkpoint at step 3.
+
+    Width 4, as the tiny networks above: the in-process tests then reuse their compilations
+    (initialisers and gradients), which keeps this module's CPU time low.
+    """
+    wd = tmp_path_factory.mktemp("digits_run")
+    p = run_module(
+        "resnet_jax.train",
+        "--config=experiments/digits.py",
+        f"--workdir={wd}",
+        "--config.model.name=cifar_resnet8",
+        "--config.model.width=4",
+        "--config.batch_size=32",
+        "--config.num_steps=3",
+        "--config.progress_bar=false",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return wd
+
+
+def test_layer_responses_cli_on_checkpoint(digits_run, tmp_path):
+    out, js = tmp_path / "fig7.png", tmp_path / "fig7.json"
+    p = run_module(
+        "resnet_jax.analysis.layer_responses", "--runs", str(digits_run), "--out", str(out), "--json", str(js)
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert is_png(out)
+    (entry,) = json.loads(js.read_text()).values()
+    assert entry["step"] == 3 and len(entry["std"]) == 3 and all(v > 0 for v in entry["std"])
+    assert "ResNet-8" in p.stdout
+
+
+def test_gradient_flow_cli_on_run(digits_run, tmp_path, capsys):
+    out, js = tmp_path / "grad.png", tmp_path / "grad.json"
+    argv = ["--runs", str(digits_run), "--steps", "0", "3", "--batch_size", "12", "--out", str(out), "--json", str(js)]
+    assert gradient_flow.main(argv) == 0
+    assert is_png(out)
+    result = json.loads(js.read_text())
+    assert sorted(r["step"] for r in result.values()) == [0, 3]
+    for r in result.values():
+        assert [n for n, _ in r["norms"]][0] == "conv1.kernel" and len(r["norms"]) == 8
+    assert gradient_flow.main([*argv[:4], "7", *argv[4:], "--overwrite"]) == 2
+    assert "kept steps" in one_line_error(capsys)
