@@ -1,0 +1,156 @@
+"""Pieces every dataset shares: ``DatasetInfo``, config access and the host/batch arithmetic.
+
+Batch layout conventions (all datasets):
+
+* ``global_batch_size`` B is split over ``process_count`` P hosts; each host gets ``B // P`` rows.
+  B must be divisible by P.
+* For in-memory datasets (digits, synthetic) host ``p`` takes rows ``[p*B/P, (p+1)*B/P)`` of the
+  global batch, so a P-process run sees exactly the batches of a 1-process run.
+* Eval passes are padded to whole batches; padded rows have ``mask == 0``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import math
+import weakref
+from typing import Any
+
+from resnet_jax.errors import UserError
+
+#: Every value ``config.dataset.name`` accepts.
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagenet2012", "synthetic")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset, as configured.
+
+    Attributes:
+        name: The dataset name (one of ``DATASET_NAMES``).
+        num_classes: Number of label classes.
+        image_shape: ``(H, W, C)`` of one training image as yielded by ``train_batches``.
+        num_train: Examples in the training split (one epoch).
+        num_eval: Examples in the evaluation split; ``eval_batches`` counts each exactly once.
+    """
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    num_train: int
+    num_eval: int
+
+
+def cfg_get(dataset_cfg: Any, key: str, default: Any = None) -> Any:
+    """Reads ``dataset_cfg.key``; a missing key or a ``None`` placeholder gives ``default``.
+
+    Tolerating missing keys lets tests and tools pass a partial ``ConfigDict``.
+    """
+    value = getattr(dataset_cfg, key, None)
+    return default if value is None else value
+
+
+def dataset_name(dataset_cfg: Any) -> str:
+    """The configured dataset name, validated."""
+    name = cfg_get(dataset_cfg, "name")
+    if name not in DATASET_NAMES:
+        raise UserError(f"Unknown dataset {name!r}: config.dataset.name must be one of {', '.join(DATASET_NAMES)}.")
+    return name
+
+
+def eval_crops(dataset_cfg: Any, supports_ten: bool = False) -> int:
+    """Validated ``config.dataset.eval_crops`` (1, or 10 where the dataset supports it)."""
+    crops = int(cfg_get(dataset_cfg, "eval_crops", 1))
+    if crops == 1 or (crops == 10 and supports_ten):
+        return crops
+    allowed = "1 or 10" if supports_ten else "1 (10-crop testing is for imagenet2012 only)"
+    raise UserError(
+        f"config.dataset.eval_crops={crops} is not supported for {dataset_name(dataset_cfg)}: use {allowed}."
+    )
+
+
+def check_no_validation_split(dataset_cfg: Any) -> None:
+    """``validation_split`` is a CIFAR option (45k/5k); elsewhere it would silently mean nothing."""
+    if cfg_get(dataset_cfg, "validation_split", False):
+        raise UserError(
+            f"config.dataset.validation_split=True is only supported for cifar10/cifar100, "
+            f"not {dataset_name(dataset_cfg)}: set it to False."
+        )
+
+
+def check_num_classes(dataset_cfg: Any, actual: int) -> None:
+    """A ``num_classes`` set for a real dataset must agree with it (the key is meant for synthetic)."""
+    wanted = cfg_get(dataset_cfg, "num_classes")
+    if wanted is not None and int(wanted) != actual:
+        raise UserError(
+            f"config.dataset.num_classes={wanted} but {dataset_name(dataset_cfg)} has {actual} classes: "
+            "leave num_classes unset (it is for the synthetic dataset)."
+        )
+
+
+def resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """Fills in ``jax.process_index()`` / ``jax.process_count()`` and validates the pair."""
+    if process_index is None or process_count is None:
+        import jax  # Imported here so that pure-numpy callers that pass both never need a backend.
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count}).")
+    return int(process_index), int(process_count)
+
+
+def host_batch_size(global_batch_size: int, process_count: int) -> int:
+    """``global_batch_size // process_count``, or a UserError if it does not divide evenly."""
+    if global_batch_size <= 0:
+        raise UserError(f"The batch size must be positive, got {global_batch_size}.")
+    if global_batch_size % process_count:
+        raise UserError(
+            f"The global batch size {global_batch_size} is not divisible by the number of processes "
+            f"{process_count}: choose a multiple of {process_count}."
+        )
+    return global_batch_size // process_count
+
+
+def num_eval_batches_global(num_eval: int, global_batch_size: int) -> int:
+    """Eval batches when the global batch walks the split in order (in-memory datasets)."""
+    return math.ceil(num_eval / global_batch_size)
+
+
+def host_share(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """The ``[start, end)`` slice of a split that one host reads (sizes differ by at most one)."""
+    start = num_examples * process_index // process_count
+    end = num_examples * (process_index + 1) // process_count
+    return start, end
+
+
+# Iterators over tf.data pipelines that nobody else will close. Those still open when Python exits
+# are closed by an atexit hook: left to interpreter finalisation, deleting a tf.data iterator whose
+# pipeline runs Python (e.g. `from_generator`, which `tfds.testing.mock_data` uses) can hang the
+# process after its last line. An owner (``prefetch``) takes an iterator out of this set and closes
+# it from the thread that runs it: closing it from here at the same time can crash TensorFlow.
+_CLOSE_AT_EXIT: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_at_exit(iterator):
+    """Registers a generator to be closed at exit unless an owner claims it; returns it."""
+    _CLOSE_AT_EXIT.add(iterator)
+    return iterator
+
+
+def claim(iterator) -> None:
+    """The caller now closes ``iterator`` itself: the exit hook must leave it alone."""
+    try:
+        _CLOSE_AT_EXIT.discard(iterator)
+    except TypeError:  # not weak-referenceable, so never registered
+        pass
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for iterator in list(_CLOSE_AT_EXIT):
+        try:
+            iterator.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass

@@ -1,0 +1,330 @@
+"""CIFAR-10, CIFAR-100 and ImageNet (ILSVRC 2012) through TensorFlow Datasets and tf.data.
+
+Importing this module imports TensorFlow (and hides every GPU from it: JAX owns the accelerators).
+``resnet_jax.data`` imports it only when one of these datasets is asked for.
+
+Preparation: a dataset missing from ``data_dir`` is prepared on first use by a single process.
+CIFAR is downloaded (needs internet; offline, TFDS retries for about 3 minutes before the error).
+ImageNet is built from ``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar`` in
+``manual_dir`` (hours for the real data: better run ``tfds build imagenet2012`` once beforehand).
+Multi-process runs must find the dataset prepared.
+
+Training pipeline, per host:
+
+1. The host reads only its contiguous share ``[p*n/P, (p+1)*n/P)`` of the training split (TFDS
+   slicing; each host's share is fixed for the whole run) as *raw* records (the image stays
+   encoded).
+2. Epoch ``e`` is that share shuffled with a seed derived from (seed, host, e), through a buffer
+   (the whole share for CIFAR, 10,000 records for ImageNet: TFDS already shuffles records when it
+   prepares a dataset). The epochs are concatenated into one stream; an epoch may end in the middle
+   of a batch.
+3. Resuming at step ``k`` starts the stream at epoch ``k*b // n_host`` and skips the remaining
+   ``k*b % n_host`` raw records (never more than one epoch, and before any decoding).
+4. Record ``i`` of the stream is decoded and augmented with the stateless seed
+   (hash(seed, host), i), so the same step always sees the same pixels.
+
+Evaluation: each host reads its share of the eval split in order, pads it with masked zero images
+to ``ceil(ceil(n/P) / b)`` batches (the same count on every host), so every example is counted
+exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from resnet_jax.data import augment, base
+from resnet_jax.errors import UserError
+
+try:
+    # JAX owns the accelerators; a TensorFlow that grabs GPU memory would starve it.
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TensorFlow already initialised its devices (someone imported it earlier).
+    pass
+
+IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+# Paper 1's CIFAR validation protocol: train on the first 45k training images, test on the last 5k.
+CIFAR_TRAIN_HOLDOUT = 45_000
+_STREAM_END = 2**62  # "infinite" for tf.data ranges
+_SHUFFLE_TAG, _AUGMENT_TAG = 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """What differs between the TFDS datasets."""
+
+    num_classes: int
+    train_split: str
+    eval_split: str
+    # Split sizes of the real dataset: only used when TFDS reports none (tfds.testing.mock_data).
+    known_sizes: dict[str, int]
+    default_image_size: int
+    shuffle_buffer: int | None  # None: the whole host share
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+
+_SPECS = {
+    "cifar10": _Spec(
+        10, "train", "test", {"train": 50_000, "test": 10_000}, 32, None, augment.CIFAR10_MEAN, augment.CIFAR10_STD
+    ),
+    "cifar100": _Spec(
+        100, "train", "test", {"train": 50_000, "test": 10_000}, 32, None, augment.CIFAR100_MEAN, augment.CIFAR100_STD
+    ),
+    "imagenet2012": _Spec(1000, "train", "validation", {"train": 1_281_167, "validation": 50_000}, 224, 10_000),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slice:
+    """``split[start:end]`` of a TFDS split."""
+
+    split: str
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def host_share(self, process_index: int, process_count: int) -> _Slice:
+        a, b = base.host_share(self.size, process_index, process_count)
+        return _Slice(self.split, self.start + a, self.start + b)
+
+    def __str__(self) -> str:
+        return f"{self.split}[{self.start}:{self.end}]"
+
+
+def _spec(name: str) -> _Spec:
+    return _SPECS[name]
+
+
+def _manual_dir(dataset_cfg: Any, builder) -> str:
+    """The configured manual_dir, else TFDS's default ``<data_dir>/downloads/manual``."""
+    manual_dir = base.cfg_get(dataset_cfg, "manual_dir")
+    return os.fspath(manual_dir or os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual"))
+
+
+def _prepared_builder(dataset_cfg: Any):
+    """A TFDS builder whose data is prepared, preparing it (download / manual tars) if needed."""
+    name = base.dataset_name(dataset_cfg)
+    builder = tfds.builder(name, data_dir=base.cfg_get(dataset_cfg, "data_dir"))
+    if builder.is_prepared():
+        return builder
+    data_dir = os.fspath(builder.data_dir_root)
+
+    import jax
+
+    if jax.process_count() > 1:
+        # Several hosts preparing into one (shared) data_dir would race; prepare it once beforehand.
+        raise UserError(
+            f"{name} is not prepared in data_dir {data_dir}: prepare it once before a multi-process run "
+            f"(`tfds build {name} --data_dir={data_dir}`, for imagenet2012 with --manual_dir)."
+        )
+    if name == "imagenet2012":
+        manual_dir = _manual_dir(dataset_cfg, builder)
+        missing = [tar for tar in IMAGENET_TARS if not tf.io.gfile.exists(os.path.join(manual_dir, tar))]
+        if missing:
+            raise UserError(
+                f"imagenet2012 is not prepared in data_dir {data_dir}, and manual_dir {manual_dir} lacks "
+                f"{', '.join(missing)}: download {' and '.join(IMAGENET_TARS)} from "
+                f"https://image-net.org/download-images into {manual_dir} (or set config.dataset.manual_dir "
+                "to their directory); the next run then prepares the dataset (hours)."
+            )
+        logging.warning(
+            "Preparing imagenet2012 in %s from the tars in %s (hours for the full dataset).", data_dir, manual_dir
+        )
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        return builder
+    logging.warning("%s is not in %s: downloading and preparing it (needs internet).", name, data_dir)
+    try:
+        builder.download_and_prepare()
+    except Exception as error:  # Any download failure has the same remedy.
+        raise UserError(
+            f"{name} is not prepared in data_dir {data_dir} and could not be downloaded "
+            f"({type(error).__name__}): run `tfds build {name} --data_dir={data_dir}` on a machine with "
+            f"internet (or copy its ~/tensorflow_datasets/{name} there), then set config.dataset.data_dir."
+        ) from error
+    return builder
+
+
+def _split_sizes(builder, name: str) -> dict[str, int]:
+    splits = builder.info.splits
+    if not splits:
+        # Only under tfds.testing.mock_data: the wheel ships no metadata, TFDS then knows no splits.
+        logging.warning("TFDS reports no splits for %s (mocked?): using the real split sizes.", name)
+        return dict(_spec(name).known_sizes)
+    return {split_name: split.num_examples for split_name, split in splits.items()}
+
+
+def _layout(dataset_cfg: Any) -> tuple[Any, _Slice, _Slice, int, int]:
+    """Prepares the dataset and returns (builder, train slice, eval slice, image size, eval crops)."""
+    name = base.dataset_name(dataset_cfg)
+    spec = _spec(name)
+    base.check_num_classes(dataset_cfg, spec.num_classes)
+    crops = base.eval_crops(dataset_cfg, supports_ten=name == "imagenet2012")
+    size = int(base.cfg_get(dataset_cfg, "image_size", spec.default_image_size))
+    validation_split = bool(base.cfg_get(dataset_cfg, "validation_split", False))
+    if name.startswith("cifar"):
+        if size != spec.default_image_size:
+            raise UserError(f"{name} images are 32x32: leave config.dataset.image_size unset (or 32), not {size}.")
+    else:
+        if validation_split:
+            base.check_no_validation_split(dataset_cfg)
+        if size < 1:
+            raise UserError(f"config.dataset.image_size must be positive, got {size}.")
+
+    builder = _prepared_builder(dataset_cfg)
+    sizes = _split_sizes(builder, name)
+    for split in (spec.train_split, spec.eval_split):
+        if split not in sizes:
+            raise UserError(
+                f"{name} in {builder.data_dir} has no {split!r} split (found: {', '.join(sizes)}); "
+                "rebuild it with all its source files present."
+            )
+    if validation_split:
+        n = sizes[spec.train_split]
+        train = _Slice(spec.train_split, 0, min(CIFAR_TRAIN_HOLDOUT, n))
+        evaluation = _Slice(spec.train_split, train.end, n)
+    else:
+        train = _Slice(spec.train_split, 0, sizes[spec.train_split])
+        evaluation = _Slice(spec.eval_split, 0, sizes[spec.eval_split])
+    return builder, train, evaluation, size, crops
+
+
+def get_info(dataset_cfg: Any) -> base.DatasetInfo:
+    """See ``resnet_jax.data.get_info``."""
+    _, train, evaluation, size, _ = _layout(dataset_cfg)
+    name = base.dataset_name(dataset_cfg)
+    return base.DatasetInfo(
+        name=name,
+        num_classes=_spec(name).num_classes,
+        image_shape=(size, size, 3),
+        num_train=train.size,
+        num_eval=evaluation.size,
+    )
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True  # parallel maps keep order: the same seed gives the same batches
+    return options
+
+
+def _raw_records(builder, piece: _Slice) -> tf.data.Dataset:
+    """(encoded image, int32 label) pairs of ``piece``, in file order, nothing decoded."""
+    if piece.size == 0:
+        return tf.data.Dataset.from_tensor_slices((tf.constant([], tf.string), tf.constant([], tf.int32)))
+    ds = builder.as_dataset(
+        split=str(piece),
+        shuffle_files=False,  # order comes from our own seeded per-epoch shuffle
+        decoders={"image": tfds.decode.SkipDecoding()},  # decode after skipping, inside the map
+        read_config=tfds.ReadConfig(options=_options()),
+    )
+    return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+
+
+def _derived_seed(seed: int, process_index: int, tag: int) -> int:
+    """A well-mixed 31-bit seed for one (run seed, host, purpose)."""
+    return int(np.random.SeedSequence([seed, process_index, tag]).generate_state(1, np.uint32)[0] >> 1)
+
+
+def train_batches(
+    dataset_cfg: Any, *, global_batch_size: int, seed: int, start_step: int, process_index: int, process_count: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """See ``resnet_jax.data.train_batches``."""
+    name = base.dataset_name(dataset_cfg)
+    spec = _spec(name)
+    builder, train, _, size, _ = _layout(dataset_cfg)
+    b = base.host_batch_size(global_batch_size, process_count)
+    share = train.host_share(process_index, process_count)
+    if share.size == 0:
+        raise UserError(
+            f"{name}: the training split has fewer examples ({train.size}) than processes ({process_count})."
+        )
+    raw = _raw_records(builder, share)
+    # The real record count (TFDS asserts cardinality); differs from the slice only when mocked.
+    cardinality = int(raw.cardinality())
+    epoch_size = cardinality if cardinality > 0 else share.size
+    buffer_size = min(spec.shuffle_buffer or epoch_size, epoch_size)
+
+    start = start_step * b  # position of the first example in this host's stream
+    start_epoch, offset = divmod(start, epoch_size)
+    shuffle_seed = _derived_seed(seed, process_index, _SHUFFLE_TAG)
+    augment_seed = tf.constant(_derived_seed(seed, process_index, _AUGMENT_TAG), tf.int64)
+
+    def epoch(e):  # e: int64 tensor. shuffle() takes a tensor seed, so each epoch is reseeded in-graph.
+        return raw.shuffle(buffer_size, seed=shuffle_seed + e, reshuffle_each_iteration=False)
+
+    stream = tf.data.Dataset.range(start_epoch, _STREAM_END).flat_map(epoch).skip(offset)
+    positions = tf.data.Dataset.range(start, _STREAM_END)
+
+    if name == "imagenet2012":
+
+        def preprocess(position, image_bytes, label):
+            example_seed = tf.stack([augment_seed, position])
+            return {"image": augment.imagenet_train(image_bytes, example_seed, size), "label": label}
+    else:
+
+        def preprocess(position, image_bytes, label):
+            example_seed = tf.stack([augment_seed, position])
+            return {"image": augment.cifar_train(image_bytes, example_seed, spec.mean, spec.std), "label": label}
+
+    ds = tf.data.Dataset.zip((positions, stream)).map(
+        lambda position, record: preprocess(position, *record),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    ds = ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return _numpy_batches(ds)
+
+
+def eval_batches(
+    dataset_cfg: Any, *, global_batch_size: int, process_index: int, process_count: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """See ``resnet_jax.data.eval_batches``."""
+    name = base.dataset_name(dataset_cfg)
+    spec = _spec(name)
+    builder, _, evaluation, size, crops = _layout(dataset_cfg)
+    b = base.host_batch_size(global_batch_size, process_count)
+    share = evaluation.host_share(process_index, process_count)
+    # Every host runs the same number of batches: enough for the largest share.
+    num_batches = math.ceil(math.ceil(evaluation.size / process_count) / b)
+
+    if name == "imagenet2012":
+        image_shape = [size, size, 3] if crops == 1 else [crops, size, size, 3]
+
+        def preprocess(image_bytes, label):
+            image = augment.imagenet_eval(image_bytes, size, crops)
+            return {"image": image, "label": label, "mask": tf.constant(1.0)}
+    else:
+        image_shape = [size, size, 3]
+
+        def preprocess(image_bytes, label):
+            image = augment.cifar_eval(image_bytes, spec.mean, spec.std)
+            return {"image": image, "label": label, "mask": tf.constant(1.0)}
+
+    padding = tf.data.Dataset.from_tensors(
+        {"image": tf.zeros(image_shape, tf.float32), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
+    ).repeat()
+    ds = _raw_records(builder, share).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.concatenate(padding).take(num_batches * b)
+    ds = ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return _numpy_batches(ds)
+
+
+def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    # A generator of its own so that the callers above do all their setup (and raise their
+    # UserErrors) when called, not at the first next().
+    def generate():
+        yield from ds.as_numpy_iterator()
+
+    return base.close_at_exit(generate())

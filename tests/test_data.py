@@ -1,0 +1,357 @@
+"""Tests of resnet_jax.data: every dataset's shapes, determinism, resume, host split and eval masks.
+
+No network: digits ship with scikit-learn, CIFAR is mocked by ``tfds.testing.mock_data``, ImageNet
+is prepared by TFDS's real builder from tiny fake tars (the ``imagenet_data_dir`` fixture).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_jax import data
+from resnet_jax.config import get_base_config
+from resnet_jax.data import digits
+from resnet_jax.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dataset_cfg(**overrides) -> ml_collections.ConfigDict:
+    """``config.dataset`` of the base config with ``overrides`` (new keys allowed, e.g. augment)."""
+    cfg = get_base_config().dataset
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a: list[dict], b: list[dict]):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def concat_hosts(per_host: list[dict]) -> dict:
+    return {key: np.concatenate([batch[key] for batch in per_host]) for key in per_host[0]}
+
+
+# ----------------------------------------------------------------------------------------- digits
+
+
+def test_digits_info_shapes_and_labels():
+    info = data.get_info(dataset_cfg(name="digits"))
+    assert info == data.DatasetInfo("digits", 10, (8, 8, 3), 1437, 360)
+    batch = next(data.train_batches(dataset_cfg(name="digits"), global_batch_size=32, seed=0))
+    assert batch["image"].shape == (32, 8, 8, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
+    assert batch["label"].min() >= 0 and batch["label"].max() < 10
+    assert np.isfinite(batch["image"]).all()
+    np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])  # grey replicated
+
+    cfg16 = dataset_cfg(name="digits", image_size=16)
+    assert data.get_info(cfg16).image_shape == (16, 16, 3)
+    assert next(data.train_batches(cfg16, global_batch_size=4, seed=0))["image"].shape == (4, 16, 16, 3)
+
+
+def test_digits_resize_matches_jax_linear_upsampling():
+    x = np.random.default_rng(0).standard_normal((3, 8, 8))
+    for size in (16, 32):
+        w = digits._linear_resize_matrix(8, size)
+        ours = np.einsum("ih,nhw,jw->nij", w, x, w)
+        theirs = jax.image.resize(x, (3, size, size), "linear")
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_digits_deterministic_and_seeded():
+    cfg = dataset_cfg(name="digits")
+    a = take(data.train_batches(cfg, global_batch_size=64, seed=3), 3)
+    b = take(data.train_batches(cfg, global_batch_size=64, seed=3), 3)
+    c = take(data.train_batches(cfg, global_batch_size=64, seed=4), 3)
+    assert_batches_equal(a, b)
+    assert not np.array_equal(a[0]["label"], c[0]["label"])
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_digits_resume_equals_advancing(augment):
+    cfg = dataset_cfg(name="digits", augment=augment)
+    # 1437 / 128: step 11 holds the end of epoch 0 and the start of epoch 1.
+    advanced = take(data.train_batches(cfg, global_batch_size=128, seed=0), 14)[10:]
+    resumed = take(data.train_batches(cfg, global_batch_size=128, seed=0, start_step=10), 4)
+    assert_batches_equal(advanced, resumed)
+
+
+def test_digits_augmentation_shifts_images():
+    kwargs = dict(global_batch_size=64, seed=0)
+    plain = next(data.train_batches(dataset_cfg(name="digits"), **kwargs))
+    shifted = next(data.train_batches(dataset_cfg(name="digits", augment=True), **kwargs))
+    np.testing.assert_array_equal(plain["label"], shifted["label"])  # same examples, other pixels
+    assert not np.array_equal(plain["image"], shifted["image"])
+    # A translation keeps the pixel values: the shifted image's pixels are background or from its source.
+    background = digits._load(8)["background"]
+    for src, dst in zip(plain["image"][..., 0], shifted["image"][..., 0]):
+        assert set(np.round(dst.ravel(), 5)) <= set(np.round(src.ravel(), 5)) | {np.round(background, 5)}
+
+
+def test_digits_epoch_is_a_permutation():
+    cfg = dataset_cfg(name="digits")
+    train_labels = digits._load(8)["train_label"]
+    epoch = take(data.train_batches(cfg, global_batch_size=479, seed=0), 3)  # 3 * 479 == 1437
+    np.testing.assert_array_equal(np.bincount(np.concatenate([b["label"] for b in epoch])), np.bincount(train_labels))
+
+
+@pytest.mark.parametrize("start_step, augment", [(0, False), (5, True)])
+def test_digits_two_processes_see_the_one_process_batches(start_step, augment):
+    cfg = dataset_cfg(name="digits", augment=augment)
+    kwargs = dict(global_batch_size=64, seed=1, start_step=start_step)
+    single = take(data.train_batches(cfg, process_index=0, process_count=1, **kwargs), 3)
+    hosts = [take(data.train_batches(cfg, process_index=p, process_count=2, **kwargs), 3) for p in range(2)]
+    for step in range(3):
+        assert hosts[0][step]["label"].shape == (32,)
+        assert_batches_equal([concat_hosts([hosts[0][step], hosts[1][step]])], [single[step]])
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_digits_eval_counts_each_example_once(process_count):
+    cfg = dataset_cfg(name="digits")
+    test = digits._load(8)
+    hosts = [
+        list(data.eval_batches(cfg, global_batch_size=100, process_index=p, process_count=process_count))
+        for p in range(process_count)
+    ]
+    assert {len(h) for h in hosts} == {math.ceil(360 / 100)}  # same count everywhere
+    masks = [b["mask"] for h in hosts for b in h]
+    assert sum(m.sum() for m in masks) == 360
+    # Global batch j is the hosts' rows side by side; its masked rows walk the test split in order.
+    labels, images = [], []
+    for j in range(len(hosts[0])):
+        batch = concat_hosts([h[j] for h in hosts])
+        assert batch["mask"].dtype == np.float32
+        labels.append(batch["label"][batch["mask"] == 1])
+        images.append(batch["image"][batch["mask"] == 1])
+    np.testing.assert_array_equal(np.concatenate(labels), test["test_label"])
+    np.testing.assert_array_equal(np.concatenate(images), test["test_image"])
+
+
+def test_bad_config_raises_user_error():
+    with pytest.raises(UserError, match="digits.*cifar10.*imagenet2012.*synthetic"):
+        data.get_info(dataset_cfg(name="mnist"))
+    with pytest.raises(UserError, match="divisible"):
+        data.train_batches(dataset_cfg(name="digits"), global_batch_size=63, seed=0, process_index=0, process_count=2)
+    with pytest.raises(UserError, match="validation_split"):
+        data.get_info(dataset_cfg(name="digits", validation_split=True))
+    with pytest.raises(UserError, match="eval_crops"):
+        data.eval_batches(dataset_cfg(name="digits", eval_crops=10), global_batch_size=8)
+
+
+# -------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_batches():
+    cfg = dataset_cfg(name="synthetic", image_size=16, num_classes=7, num_examples=50)
+    info = data.get_info(cfg)
+    assert info == data.DatasetInfo("synthetic", 7, (16, 16, 3), 50, 50)
+    single = next(data.train_batches(cfg, global_batch_size=8, seed=0, start_step=2, process_index=0, process_count=1))
+    assert single["image"].shape == (8, 16, 16, 3) and single["image"].dtype == np.float32
+    assert single["label"].dtype == np.int32 and single["label"].max() < 7
+    hosts = [
+        next(data.train_batches(cfg, global_batch_size=8, seed=0, start_step=2, process_index=p, process_count=2))
+        for p in range(2)
+    ]
+    assert_batches_equal([concat_hosts(hosts)], [single])
+    assert sum(b["mask"].sum() for b in data.eval_batches(cfg, global_batch_size=16)) == 50
+
+    mesh = jax.make_mesh((1,), ("data",))
+    sharding = NamedSharding(mesh, P("data"))
+    batch = data.synthetic_global_batch(cfg, 8, sharding, seed=0)
+    assert batch["image"].shape == (8, 16, 16, 3) and batch["label"].shape == (8,)
+    assert batch["image"].sharding == sharding and batch["label"].dtype == np.int32
+
+
+# ------------------------------------------------------------------------------- to_global/prefetch
+
+
+def test_to_global_and_prefetch():
+    mesh = jax.make_mesh((1,), ("data",))
+    sharding = NamedSharding(mesh, P("data"))
+    batches = take(data.train_batches(dataset_cfg(name="digits"), global_batch_size=16, seed=0), 3)
+
+    global_batch = data.to_global(batches[0], sharding)
+    assert isinstance(global_batch["image"], jax.Array) and global_batch["image"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(global_batch["label"]), batches[0]["label"])
+    assert data.to_global(global_batch, sharding)["image"] is global_batch["image"]  # passes through
+
+    fetched = list(data.prefetch(iter(batches), sharding, size=2))
+    assert len(fetched) == 3
+    for got, want in zip(fetched, batches):
+        assert got["image"].sharding == sharding
+        np.testing.assert_array_equal(np.asarray(got["image"]), want["image"])
+
+    def failing():
+        yield batches[0]
+        raise RuntimeError("boom")
+
+    stream = data.prefetch(failing(), sharding)
+    next(stream)
+    with pytest.raises(RuntimeError, match="boom"):
+        next(stream)
+
+    source = data.train_batches(dataset_cfg(name="digits"), global_batch_size=16, seed=0)
+    infinite = data.prefetch(source, sharding)
+    next(infinite)
+    infinite.close()  # stops the producer thread, which closes the source
+    deadline = time.monotonic() + 10
+    while any(t.name == "resnet_jax-prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "resnet_jax-prefetch" for t in threading.enumerate())
+    with pytest.raises(StopIteration):
+        next(source)
+
+
+def test_importing_data_and_digits_does_not_import_tensorflow():
+    code = textwrap.dedent(
+        """
+        import sys
+        import ml_collections
+        from resnet_jax import data
+        for name in ("digits", "synthetic"):
+            cfg = ml_collections.ConfigDict({"name": name, "image_size": 8, "num_examples": 16})
+            data.get_info(cfg)
+            next(data.train_batches(cfg, global_batch_size=8, seed=0))
+            next(data.eval_batches(cfg, global_batch_size=8))
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets"))
+        assert not loaded, loaded
+        """
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------- CIFAR
+
+
+def test_cifar10_under_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = dataset_cfg(name="cifar10", data_dir=str(tmp_path))
+    num_mock = 20
+    with tfds.testing.mock_data(num_examples=num_mock):
+        # The mock knows no split sizes (the wheel ships no metadata): get_info falls back to the
+        # real ones, while every split/slice yields `num_mock` random examples.
+        info = data.get_info(cfg)
+        assert info == data.DatasetInfo("cifar10", 10, (32, 32, 3), 50_000, 10_000)
+
+        batches = take(data.train_batches(cfg, global_batch_size=8, seed=0), 4)  # wraps the 20-example epoch
+        batch = batches[0]
+        assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].dtype == np.int32 and batch["label"].max() < 10
+        # Normalised: mock pixels are uniform 0..255 (plus black padding), so about zero mean, unit scale.
+        assert abs(batch["image"].mean()) < 0.5 and 0.7 < batch["image"].std() < 1.6
+        resumed = take(data.train_batches(cfg, global_batch_size=8, seed=0, start_step=2), 2)
+        assert_batches_equal(batches[2:], resumed)
+        other_seed = next(data.train_batches(cfg, global_batch_size=8, seed=1))
+        assert not np.array_equal(other_seed["image"], batch["image"])
+
+        evals = list(data.eval_batches(cfg, global_batch_size=2000))
+        assert len(evals) == 5  # ceil(10_000 / 2000): sized by the real split
+        assert evals[0]["image"].shape == (2000, 32, 32, 3)
+        assert sum(b["mask"].sum() for b in evals) == num_mock  # the examples the mock really yields
+        assert evals[-1]["mask"].sum() == 0
+
+        held_out = dataset_cfg(name="cifar10", data_dir=str(tmp_path), validation_split=True)
+        assert data.get_info(held_out) == data.DatasetInfo("cifar10", 10, (32, 32, 3), 45_000, 5_000)
+        assert len(list(data.eval_batches(held_out, global_batch_size=2000))) == 3  # ceil(5_000 / 2000)
+
+        assert data.get_info(dataset_cfg(name="cifar100", data_dir=str(tmp_path))).num_classes == 100
+
+
+def test_cifar_errors(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(UserError, match=rf"cifar10 is not prepared in data_dir {tmp_path}.*tfds build cifar10"):
+        data.get_info(dataset_cfg(name="cifar10", data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="image_size"):
+        data.get_info(dataset_cfg(name="cifar10", image_size=64))
+    with pytest.raises(UserError, match="eval_crops"):
+        data.get_info(dataset_cfg(name="cifar10", eval_crops=10))
+
+
+# ---------------------------------------------------------------------------------------- ImageNet
+
+
+def imagenet_cfg(data_dir, manual_dir, **overrides):
+    return dataset_cfg(name="imagenet2012", data_dir=data_dir, manual_dir=manual_dir, image_size=64, **overrides)
+
+
+def test_imagenet_train_and_eval(imagenet_data_dir):
+    data_dir, manual_dir = imagenet_data_dir
+    cfg = imagenet_cfg(data_dir, manual_dir)
+    assert data.get_info(cfg) == data.DatasetInfo("imagenet2012", 1000, (64, 64, 3), 6, 4)
+
+    batches = take(data.train_batches(cfg, global_batch_size=4, seed=0), 3)
+    batch = batches[0]
+    assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].dtype == np.int32 and set(batch["label"]) <= {0, 1}  # the first two synsets
+    assert np.isfinite(batch["image"]).all() and abs(batch["image"].mean()) < 1.5
+    assert_batches_equal(batches[1:], take(data.train_batches(cfg, global_batch_size=4, seed=0, start_step=1), 2))
+    host = next(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=1, process_count=2))
+    assert host["image"].shape == (2, 64, 64, 3)
+
+    one = list(data.eval_batches(cfg, global_batch_size=3))
+    assert [b["image"].shape for b in one] == [(3, 64, 64, 3)] * 2
+    assert sum(b["mask"].sum() for b in one) == 4
+
+    ten_crop_cfg = imagenet_cfg(data_dir, manual_dir, eval_crops=10)
+    ten = list(data.eval_batches(ten_crop_cfg, global_batch_size=3))
+    assert [b["image"].shape for b in ten] == [(3, 10, 64, 64, 3)] * 2
+    np.testing.assert_allclose(ten[0]["image"][:, 4], one[0]["image"], atol=1e-5)  # view 4: the centre crop
+    np.testing.assert_allclose(ten[0]["image"][:, 9], one[0]["image"][:, :, ::-1], atol=1e-5)  # its flip
+    np.testing.assert_array_equal(ten[0]["label"], one[0]["label"])
+
+
+@pytest.mark.parametrize("process_count, global_batch_size", [(2, 2), (3, 3)])
+def test_imagenet_eval_over_processes(imagenet_data_dir, process_count, global_batch_size):
+    cfg = imagenet_cfg(*imagenet_data_dir)
+    single = list(data.eval_batches(cfg, global_batch_size=4, process_index=0, process_count=1))
+    hosts = [
+        list(data.eval_batches(cfg, global_batch_size=global_batch_size, process_index=p, process_count=process_count))
+        for p in range(process_count)
+    ]
+    assert len({len(h) for h in hosts}) == 1
+    masked = [b["label"][b["mask"] == 1] for h in hosts for b in h]
+    assert sum(len(m) for m in masked) == 4
+    assert sorted(np.concatenate(masked)) == sorted(single[0]["label"])
+
+
+def test_imagenet_missing_tars_raise_user_error(tmp_path):
+    manual_dir = tmp_path / "manual"
+    manual_dir.mkdir()
+    cfg = imagenet_cfg(str(tmp_path / "data"), str(manual_dir))
+    pattern = rf"ILSVRC2012_img_train\.tar.*ILSVRC2012_img_val\.tar.*{manual_dir}"
+    with pytest.raises(UserError, match=pattern):
+        data.get_info(cfg)
+    with pytest.raises(UserError, match=pattern):
+        data.train_batches(cfg, global_batch_size=4, seed=0)
