@@ -138,3 +138,25 @@ def test_two_processes_match_one(single_run, tmp_path):
     one, two = train_losses(single_run), train_losses(tmp_path)
     assert sorted(two) == [1, 2, 3, 4, 5, 6]  # one set of metrics: process 0 only
     np.testing.assert_allclose([two[k] for k in one], [one[k] for k in one], rtol=1e-4, atol=1e-5)
+
+
+def test_one_step_on_imagenet_built_by_tfds(imagenet_data_dir, tmp_path):
+    """The real imagenet2012 builder's output (prepared from tiny generated tars) trains a step and evaluates."""
+    from resnet_jax.config import get_base_config
+    from resnet_jax.train import train_and_evaluate
+
+    data_dir, manual_dir = imagenet_data_dir
+    c = get_base_config()
+    c.model.name, c.model.width = "resnet18", 4
+    c.dataset.name, c.dataset.data_dir, c.dataset.manual_dir, c.dataset.image_size = (
+        "imagenet2012",
+        data_dir,
+        manual_dir,
+        32,
+    )
+    c.batch_size, c.num_steps, c.log_every_steps, c.progress_bar = 2, 1, 1, False
+    final = train_and_evaluate(c, str(tmp_path))
+    rows = read_metrics(tmp_path)
+    assert np.isfinite([r["train/loss"] for r in rows if "train/loss" in r]).all()
+    assert set(final) == {"eval/loss", "eval/top1_acc", "eval/top5_acc"} and np.isfinite(final["eval/loss"])
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
