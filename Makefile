@@ -36,7 +36,9 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix resnet_jax tests experiments benchmarks
 
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	# Two workers: most tests are single-threaded compiles and subprocesses; one file per worker
+	# keeps module-scoped fixtures (shared training runs) from running twice.
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
