@@ -3,12 +3,15 @@ latest N and the best by eval top-1, and a restore that survives damaged or inco
 
 from __future__ import annotations
 
+import datetime
 import logging
 import pathlib
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
+
+from resnet_jax.errors import UserError
 
 log = logging.getLogger("resnet_jax")
 
@@ -21,6 +24,11 @@ def _score(metrics: dict) -> float:
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(workdir).absolute() / "checkpoints"
+
+
+def damaged_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+    """Where damaged checkpoints are set aside (kept for inspection, never deleted)."""
+    return pathlib.Path(workdir).absolute() / "checkpoints-damaged"
 
 
 def incomplete_steps(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -40,8 +48,13 @@ class Checkpointer:
 
     def __init__(self, workdir, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = checkpoint_dir(workdir)
+        self.read_only = read_only
         for tmp in incomplete_steps(self.directory):
-            log.warning("ignoring incomplete checkpoint %s (a save was interrupted)", tmp)
+            log.warning(
+                "ignoring incomplete checkpoint %s (a save was interrupted)%s",
+                tmp,
+                "" if read_only else "; it is removed",
+            )
         policy = cm.AnyPreservationPolicy(
             [
                 cm.LatestN(n=keep),
@@ -56,6 +69,7 @@ class Checkpointer:
             best_fn=_score,
             best_mode="max",
             enable_async_checkpointing=async_save,
+            save_interval_steps=0 if read_only else 1,
             cleanup_tmp_directories=not read_only,
             create=not read_only,
             read_only=read_only,
@@ -79,17 +93,55 @@ class Checkpointer:
         """The newest complete checkpoint that restores, as ``(state, step)``, or ``(None, 0)``.
 
         A damaged step (truncated or missing files) is skipped with a warning naming it, and the
-        previous one is tried, so a crash during or after a save never makes a resume fail.
+        previous one is tried, so a crash during or after a save never makes a resume fail. Once an
+        older step restores, the damaged newer ones are moved to ``WORKDIR/checkpoints-damaged``
+        (so that their step numbers can be saved again). If no step restores, nothing is moved and
+        a ``UserError`` says so: that is a code or config change, not a crash.
         """
+        damaged: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
             try:
-                return self.restore(step, abstract_state), step
+                state = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 log.warning(
                     "checkpoint %s is damaged (%s); falling back to the previous one", self.directory / str(step), first
                 )
+                damaged.append((step, first))
+                continue
+            if damaged:
+                self._set_aside([s for s, _ in damaged])
+            return state, step
+        if damaged:
+            step, why = damaged[0]
+            raise UserError(
+                f"no checkpoint in {self.directory} can be restored (the latest, {self.directory / str(step)}: {why}); "
+                "if they come from another version of the code or config, pass --fresh to set them aside"
+            )
         return None, 0
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged step directories out of the manager's directory (process 0) and reloads."""
+        if not self.read_only and jax.process_index() == 0:
+            dest = damaged_dir(self.directory.parent)
+            dest.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                target = dest / f"{step}-{stamp}"
+                (self.directory / str(step)).rename(target)
+                log.warning("moved damaged checkpoint %s to %s", self.directory / str(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("resnet_jax: damaged checkpoints set aside")
+        self.manager.reload()
+
+    def metrics(self, step: int) -> dict:
+        """The eval metrics saved with ``step`` (empty if it was not evaluated or does not exist)."""
+        try:
+            return dict(self.manager.metrics(step) or {})
+        except Exception:  # noqa: BLE001 - no metrics file: not evaluated
+            return {}
 
     def best_step(self) -> int | None:
         """The step with the highest eval top-1 among kept checkpoints, if any was evaluated."""

@@ -61,18 +61,67 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
     )
 
 
+class _DropMessages(logging.Filter):
+    """Drops log records that start with one of ``prefixes`` (harmless library chatter)."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
 def setup_logging() -> None:
+    # TensorFlow (TFDS datasets) logs C++ INFO lines such as "oneDNN custom operations are on".
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+    # Under absl.app the root logger already has absl's handler (basicConfig is then a no-op) at
+    # WARNING: this package's INFO lines (e.g. "resumed from ...") are wanted.
+    logging.getLogger("resnet_jax").setLevel(logging.INFO)
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Orbax says this whenever a checkpoint directory is opened for reading (evaluate).
+    logging.getLogger("absl").addFilter(_DropMessages("Given directory is read only"))
 
 
-def load_config_or_fail():
-    """Reads ``--config``; any problem with the file is a one-line error."""
+def _config_problem(e: BaseException) -> str:
+    """The informative line of an error raised while loading a config file."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    # ml_collections wraps file errors (and errors inside get_config) in a multi-line message whose
+    # last line is the cause: "[Errno 2] No such file or directory: 'x.py'", "NameError: ...".
+    line = lines[-1]
+    return line[line.index("[Errno") :] if "[Errno" in line else line
+
+
+def _config_arg(argv) -> str:
+    """The value given to ``--config`` on the command line."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "?"
+
+
+def _unreadable_config(argv, e: BaseException) -> None:
+    fail(
+        f"cannot load --config={_config_arg(argv)} ({_config_problem(e)}); "
+        "pass a readable experiment file, e.g. --config=experiments/digits.py"
+    )
+
+
+def check_config_loaded(argv) -> None:
+    """ml_collections defers a config file's I/O errors to the first use of the config: surface
+    them here as one line."""
+    holder = flags.FLAGS["config"]
     try:
-        return flags.FLAGS.config
-    except Exception as e:  # noqa: BLE001
-        fail(f"cannot load --config: {e}")
+        if holder.value is not None:
+            holder.value.get("model")
+    except OSError as e:
+        _unreadable_config(argv, e)
 
 
 def train_main(argv=None) -> None:
@@ -81,19 +130,46 @@ def train_main(argv=None) -> None:
 
     config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)", lock_config=True)
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and logs")
-    flags.DEFINE_bool("fresh", False, "set aside checkpoints of a different model/dataset in --workdir and start over")
+    flags.DEFINE_bool(
+        "fresh", False, "start over: move an earlier run's checkpoints, metrics and config to --workdir/old-<time>/"
+    )
     define_distributed_flags()
     app.run(_train, argv=argv, flags_parser=_parse_flags)
 
 
+def _override_args(argv, key: str) -> list[str]:
+    """The ``--config.…`` arguments whose path contains ``key`` (to name them in an error)."""
+    args = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    return [a for a in args if key in a[len("--config.") :].split(".")] or args
+
+
 def _parse_flags(argv):
     try:
-        return flags.FLAGS(argv)
+        parsed = flags.FLAGS(argv)
     except flags.Error as e:
-        fail(str(e).splitlines()[0] if str(e) else "bad flags")
-    except Exception as e:  # noqa: BLE001 - config files fail with anything (syntax, IO, KeyError)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"bad --config or override: {msg}")
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else "bad flags"
+        if "--config." in msg:
+            msg += "; give a value of the key's type (the keys and their defaults are in resnet_jax/config.py)"
+        fail(msg)
+    except AttributeError as e:  # an override of a key the config does not have (a KeyError inside)
+        cause = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
+        text = str(cause.args[0]) if isinstance(cause, KeyError) and cause.args else str(cause)
+        key, _, hint = text.strip().strip("'\"").partition("\n")
+        key = key.strip("'\"")
+        names = ", ".join(_override_args(argv, key))
+        hint = f" ({hint.strip()})" if hint.strip() else ""
+        fail(
+            f"unknown config key {key!r} in {names}{hint}; check the spelling "
+            "(the keys and their defaults are in resnet_jax/config.py)"
+        )
+    except SyntaxError as e:
+        fail(f"cannot load --config: {e.msg} ({e.filename}, line {e.lineno}); fix the file")
+    except OSError as e:  # a missing or unreadable file, when overrides are given too
+        _unreadable_config(argv, e)
+    except Exception as e:  # noqa: BLE001 - config files fail with anything (IO, NameError in get_config)
+        fail(f"cannot load --config or apply an override: {_config_problem(e)}")
+    check_config_loaded(argv)
+    return parsed
 
 
 @guarded

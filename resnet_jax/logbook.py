@@ -4,16 +4,41 @@ event files (tensorboardX) and a PNG of the curves. Written by process 0 only.""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pathlib
 
 METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(workdir) -> list[dict]:
+    """The rows of ``metrics.jsonl``. A line that does not parse (a crash or power loss in the
+    middle of a write) is skipped with a warning."""
     path = pathlib.Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        else:
+            logging.getLogger("resnet_jax").warning(
+                "%s:%d is not a metrics row (an interrupted write?); skipped", path, i
+            )
+    return rows
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+    """Replaces ``path`` with ``text`` so that a crash leaves either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class Logbook:
@@ -27,7 +52,7 @@ class Logbook:
         if not enabled:
             return
         rows = [r for r in read_metrics(workdir) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         from tensorboardX import SummaryWriter  # lazy: not needed by library users
 
         self._tb = SummaryWriter(str(workdir))

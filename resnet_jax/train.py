@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import signal
+import threading
 import time
 from typing import Any
 
@@ -75,9 +76,9 @@ def all_finite(tree) -> jax.Array:
 def train_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing):
     """One SGD step. Pure: ``(state, batch) -> (state, metrics)``.
 
-    A step whose loss or gradients are not finite leaves the state unchanged (and is counted in
-    ``state["nonfinite"]``), so a bad step can never reach a checkpoint; the host then stops or
-    skips it (``config.skip_nonfinite``).
+    A step whose loss, gradients, new parameters or new BatchNorm statistics are not finite leaves
+    the state unchanged (and is counted in ``state["nonfinite"]``), so a bad step can never reach a
+    checkpoint; the host then stops or skips it (``config.skip_nonfinite``).
     """
 
     def loss_fn(params):
@@ -89,7 +90,9 @@ def train_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smoot
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    finite = jnp.isfinite(loss) & all_finite(grads)
+    # An update can overflow even when the gradient is finite (a huge learning rate): check the
+    # new parameters and statistics too, so that only finite states are ever kept or saved.
+    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params) & all_finite(batch_stats)
     new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state, step=state["step"] + 1)
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, dict(state, step=state["step"] + 1))
     new["nonfinite"] = state["nonfinite"] + (~finite).astype(jnp.int32)
@@ -152,7 +155,10 @@ class Trainer:
             raise UserError(
                 f"batch_size={config.batch_size} is not divisible by the {n_dev} devices; use a multiple of {n_dev}"
             )
-        self.mesh = jax.make_mesh((n_dev,), ("data",))
+        # Sharded parameters need XLA's sharding propagation (Auto axes): under the default
+        # Explicit axes a convolution with a sharded kernel demands an explicit out_sharding.
+        axis = jax.sharding.AxisType.Auto if config.shard_params else jax.sharding.AxisType.Explicit
+        self.mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(axis,))
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.replicated = NamedSharding(self.mesh, P())
         self.schedule = learning_rate_schedule(config, self.durations)
@@ -199,11 +205,17 @@ class Trainer:
         """A fresh state, created directly with its shardings (no replicate-then-shard)."""
         return jax.jit(self._init, out_shardings=self.state_shardings)()
 
-    def evaluate(self, state, dataset_cfg=None) -> dict[str, float]:
-        """Loss, top-1 and top-5 accuracy over every example of the eval split, exactly once."""
+    def evaluate(self, state, dataset_cfg=None, should_stop=None) -> dict[str, float] | None:
+        """Loss, top-1 and top-5 accuracy over every example of the eval split, exactly once.
+
+        ``should_stop()`` is polled between batches; when it turns true the pass is abandoned and
+        ``None`` is returned (a preempted run must save before its grace period ends).
+        """
         totals = None
         batches = data.eval_batches(dataset_cfg or self.config.dataset, global_batch_size=self.config.batch_size)
         for batch in data.prefetch(batches, self.batch_sharding):
+            if should_stop is not None and should_stop():
+                return None
             out = self.eval_step(state, batch)
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         t = jax.device_get(totals)
@@ -216,64 +228,101 @@ class Trainer:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step boundary and exits with status 0.
-    Several processes agree on the step through Orbax's preemption sync (jax.distributed)."""
+    """SIGTERM -> save at the next step boundary and exit with status 0.
+
+    One process: a SIGTERM handler sets a flag (installed when the run starts, so a SIGTERM during
+    start-up is honoured at the first step boundary too). Several processes: JAX's preemption
+    service (started by ``jax.distributed.initialize``) catches the SIGTERM of any process and all
+    of them agree on the step to stop at through Orbax's ``reached_preemption``; a Python handler
+    there would replace JAX's own and hide the notice, so none is installed.
+    """
 
     def __init__(self):
         self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self._multi = jax.process_count() > 1
+        self._installed = False
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            # (Signal handlers can only be set from the main thread; a library caller training in
+            # another thread keeps its own SIGTERM handling.)
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def reached(self, ckpt: Checkpointer, step: int) -> bool:
-        if jax.process_count() > 1:
+        if self._multi:
             return ckpt.manager.reached_preemption(step)
         return self.requested
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._old)
+            self._installed = False
 
 
 def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str, float]:
     """Trains ``config`` in ``workdir``, resuming from its latest complete checkpoint.
 
+    Everything that can be wrong with the input (dataset, model, batch size, devices) is checked
+    before the workdir is touched; then the workdir is locked and checked against its checkpoints.
+
     Returns:
       The final eval metrics (empty if the run was preempted before the end).
     """
     lead = jax.process_index() == 0
-    info = data.get_info(config.dataset)
-    durations = Durations.from_config(config, info.num_train)
+    preempt = _Preemption()
     wd = Workdir(workdir)
-    if lead:
-        wd.open(config.to_dict(), fresh=fresh)
-    trainer = Trainer(config, info, durations)
-    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-    state, step = ckpt.restore_latest(trainer.abstract_state)
-    if state is None:
-        state = trainer.init_state()
-    elif lead:
-        log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
-    if lead:
-        wd.write_run_info(
-            devices=jax.device_count(),
-            processes=jax.process_count(),
-            platform=jax.devices()[0].platform,
-            resumed_from=step,
-            steps_per_epoch=durations.steps_per_epoch,
-            total_steps=durations.total_steps,
-        )
-    logbook = Logbook(workdir, start_step=step, enabled=lead)
+    ckpt = logbook = bar = final = None
+    try:
+        info = data.get_info(config.dataset)
+        durations = Durations.from_config(config, info.num_train)
+        trainer = Trainer(config, info, durations)  # model and batch/device errors, before any write
+        if lead:
+            wd.open(config.to_dict(), fresh=fresh)
+        ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+        state, step = ckpt.restore_latest(trainer.abstract_state)
+        if state is None:
+            state = trainer.init_state()
+        elif lead:
+            log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
+        if lead:
+            wd.write_run_info(
+                devices=jax.device_count(),
+                processes=jax.process_count(),
+                platform=jax.devices()[0].platform,
+                resumed_from=step,
+                steps_per_epoch=durations.steps_per_epoch,
+                total_steps=durations.total_steps,
+            )
+        logbook = Logbook(workdir, start_step=step, enabled=lead)
+        if lead and config.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=durations.total_steps, initial=step, unit="step", dynamic_ncols=True)
+        final = _train_loop(config, trainer, durations, state, step, ckpt, logbook, preempt, bar)
+    finally:
+        preempt.restore()
+        if bar is not None:
+            bar.close()
+        if ckpt is not None:
+            ckpt.close()
+        if logbook is not None:
+            logbook.close()
+        wd.close()
+    if lead and final is not None:
+        plot_curves(workdir)
+    return final or {}
+
+
+def _train_loop(config, trainer, durations, state, step, ckpt, logbook, preempt, bar) -> dict[str, float] | None:
+    """Runs from ``step`` to the end. Returns the final eval metrics, or None when preempted."""
     batches = data.prefetch(
         data.train_batches(config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=step),
         trainer.batch_sharding,
     )
-    preempt = _Preemption()
-    bar = None
-    if lead and config.progress_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=durations.total_steps, initial=step, unit="step", dynamic_ncols=True)
+    # Abandoning an eval pass is only safe where no other process waits in its collectives.
+    eval_stop = (lambda: preempt.requested) if jax.process_count() == 1 else None
     final: dict[str, float] = {}
     window: list[dict] = []
     t0, s0 = time.perf_counter(), step
@@ -286,67 +335,70 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
             if not config.skip_nonfinite:
                 ckpt.wait()
                 last = max(ckpt.all_steps(), default=None)
+                kept = f"the last good checkpoint (step {last}) is intact" if last else "no checkpoint was saved yet"
                 raise UserError(
-                    f"non-finite loss or gradient at step {s}; the last good checkpoint (step {last}) is intact. "
+                    f"non-finite loss, gradient or parameters at step {s}; {kept}. "
                     "Lower the learning rate, or pass --config.skip_nonfinite=true to skip such steps"
                 )
-            log.warning("skipped step %d: non-finite loss or gradient", s)
+            log.warning("skipped step %d: non-finite loss, gradient or parameters", s)
+            return  # a skipped step changes nothing; its loss stays out of the averages
         window.append(m)
 
-    try:
-        while step < durations.total_steps:
-            state, metrics = trainer.train_step(state, next(batches))
-            step += 1
-            if pending is not None:
-                take(pending)
-            pending = (step, metrics)
-            if bar is not None:
-                bar.update(1)
-            log_now = is_time(step, config.log_every_steps, durations.total_steps)
-            eval_now = is_time(step, durations.eval_every_steps, durations.total_steps)
-            save_now = eval_now or is_time(step, config.checkpoint_every_steps, durations.total_steps)
-            stop_now = preempt.reached(ckpt, step)
-            if not (log_now or eval_now or save_now or stop_now):
-                continue
+    while step < durations.total_steps:
+        state, metrics = trainer.train_step(state, next(batches))
+        step += 1
+        if pending is not None:
             take(pending)
-            pending = None
-            if log_now and window:
-                dt = time.perf_counter() - t0
-                row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                row["train/img_per_s"] = (step - s0) * config.batch_size / max(dt, 1e-9)
-                row["train/nonfinite_steps"] = float(jax.device_get(state["nonfinite"]))
-                logbook.write(step, row)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/top1_acc']:.3f}")
-                window.clear()
-                t0, s0 = time.perf_counter(), step
-            eval_metrics = None
-            if eval_now and not stop_now:
-                eval_metrics = trainer.evaluate(state)
+        pending = (step, metrics)
+        if bar is not None:
+            bar.update(1)
+        log_now = is_time(step, config.log_every_steps, durations.total_steps)
+        eval_now = is_time(step, durations.eval_every_steps, durations.total_steps)
+        save_now = eval_now or is_time(step, config.checkpoint_every_steps, durations.total_steps)
+        stop_now = preempt.reached(ckpt, step)
+        if not (log_now or eval_now or save_now or stop_now):
+            continue
+        take(pending)
+        pending = None
+        if log_now:
+            dt = time.perf_counter() - t0
+            row = {k: float(np.mean([w[k] for w in window])) for k in (window[0] if window else ())}
+            row["train/img_per_s"] = (step - s0) * config.batch_size / max(dt, 1e-9)
+            row["train/nonfinite_steps"] = float(jax.device_get(state["nonfinite"]))
+            logbook.write(step, row)
+            if bar is not None and window:
+                bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/top1_acc']:.3f}")
+            window.clear()
+            t0, s0 = time.perf_counter(), step
+        eval_metrics = None
+        if eval_now and not stop_now:
+            eval_metrics = trainer.evaluate(state, should_stop=eval_stop)
+            if eval_metrics is not None:
                 logbook.write(step, eval_metrics)
                 final = eval_metrics
                 if bar is not None:
                     bar.write(
-                        f"step {step}: eval top-1 {eval_metrics['eval/top1_acc']:.4f}, loss {eval_metrics['eval/loss']:.4f}"
+                        f"step {step}: eval top-1 {eval_metrics['eval/top1_acc']:.4f}, "
+                        f"loss {eval_metrics['eval/loss']:.4f}"
                     )
-                t0, s0 = time.perf_counter(), step
-            if save_now or stop_now:
-                ckpt.save(step, state, metrics=eval_metrics, force=True)
-            if stop_now:
-                ckpt.wait()
-                log.warning(
-                    "preempted: saved step %d to %s; start the same command again to resume", step, ckpt.directory
-                )
-                return {}
-    finally:
-        preempt.restore()
-        if bar is not None:
-            bar.close()
-        ckpt.close()
-        logbook.close()
-        wd.close()
-    if lead:
-        plot_curves(workdir)
+            else:
+                stop_now = True  # SIGTERM during the eval pass: save without it and stop
+            t0, s0 = time.perf_counter(), step
+        if save_now or stop_now:
+            ckpt.save(step, state, metrics=eval_metrics, force=True)
+        if stop_now:
+            ckpt.wait()
+            log.warning("preempted: saved step %d to %s; start the same command again to resume", step, ckpt.directory)
+            return None
+    if not final and step >= durations.total_steps:
+        # Started on a finished run (or one stopped right at its last step): report, or finish, its
+        # final evaluation instead of returning nothing.
+        final = {k: float(v) for k, v in (ckpt.metrics(step) or {}).items() if k.startswith("eval/")}
+        if not final:
+            final = trainer.evaluate(state, should_stop=eval_stop)
+            if final is None:
+                return None
+            logbook.write(step, final)
     return final
 
 
@@ -361,24 +413,32 @@ def evaluate_checkpoint(
     config = ml_collections.ConfigDict(load_config_dict(workdir))
     if dataset_overrides:
         config.dataset.update(dataset_overrides)
-    info = data.get_info(config.dataset)
-    trainer = Trainer(config, info, Durations.from_config(config, info.num_train))
     ckpt = Checkpointer(workdir, read_only=True)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise UserError(f"no complete checkpoint in {ckpt.directory}; train first or check --workdir")
-    if checkpoint == "latest":
-        step = steps[-1]
-    elif checkpoint == "best":
-        step = ckpt.best_step()
-        if step is None:
-            raise UserError(f"no evaluated checkpoint in {ckpt.directory}; use --checkpoint=latest or a step")
-    elif checkpoint.isdigit() and int(checkpoint) in steps:
-        step = int(checkpoint)
-    else:
-        raise UserError(f"--checkpoint={checkpoint!r}: use 'latest', 'best' or one of the steps {steps}")
-    state = ckpt.restore(step, trainer.abstract_state)
-    ckpt.close()
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise UserError(f"no complete checkpoint in {ckpt.directory}; train first or check --workdir")
+        if checkpoint == "latest":
+            step = steps[-1]
+        elif checkpoint == "best":
+            step = ckpt.best_step()
+            if step is None:
+                raise UserError(f"no evaluated checkpoint in {ckpt.directory}; use --checkpoint=latest or a step")
+        elif checkpoint.isdigit() and int(checkpoint) in steps:
+            step = int(checkpoint)
+        else:
+            raise UserError(f"--checkpoint={checkpoint!r}: use 'latest', 'best' or one of the steps {steps}")
+        info = data.get_info(config.dataset)
+        trainer = Trainer(config, info, Durations.from_config(config, info.num_train))
+        try:
+            state = ckpt.restore(step, trainer.abstract_state)
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint is a one-line error here
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"checkpoint {ckpt.directory / str(step)} cannot be restored ({first}); try another --checkpoint"
+            ) from None
+    finally:
+        ckpt.close()
     return step, trainer.evaluate(state)
 
 

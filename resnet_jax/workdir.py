@@ -6,18 +6,23 @@ from __future__ import annotations
 import datetime
 import fcntl
 import json
+import logging
 import os
 import pathlib
 import subprocess
 
 import resnet_jax
 from resnet_jax.errors import UserError
+from resnet_jax.logbook import write_atomic
 
 CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run_info.json"
 LOCK_FILE = ".lock"
 # Keys that must match to resume: other keys (lr, steps, logging) may change between restarts.
 IDENTITY_KEYS = ("model", "dataset.name", "dataset.image_size", "dataset.num_classes")
+# What --fresh sets aside (into ``old-<time>/``): everything a run writes, so the new one starts clean.
+RUN_OUTPUTS = ("checkpoints", "checkpoints-damaged", CONFIG_FILE, RUN_INFO_FILE, "metrics.jsonl", "curves.png")
+RUN_OUTPUT_PATTERNS = ("events.out.tfevents.*", "eval_*.json")
 
 
 def _get(cfg: dict, dotted: str):
@@ -50,6 +55,8 @@ class Workdir:
         self._lock = None
 
     def open(self, config_dict: dict, *, fresh: bool = False, write: bool = True) -> None:
+        """Checks, locks and (``write``) records the config; nothing existing is modified until
+        every check has passed. ``fresh``: set the previous run's outputs aside and start over."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write_test"
@@ -58,23 +65,51 @@ class Workdir:
         except OSError as e:
             raise UserError(f"cannot write to workdir {self.path} ({e.strerror}); choose another --workdir") from None
         self._acquire_lock()
-        old = self.path / CONFIG_FILE
-        ckpts = self.path / "checkpoints"
-        if old.exists() and ckpts.exists() and any(ckpts.iterdir()):
-            previous = json.loads(old.read_text())
-            diff = [k for k in IDENTITY_KEYS if _get(previous, k) != _get(config_dict, k)]
-            if diff and not fresh:
-                raise UserError(
-                    f"workdir {self.path} holds checkpoints of a different run ({', '.join(diff)} differ); "
-                    "use another --workdir, or pass --fresh to set them aside and start over"
-                )
-            if diff:
-                stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-                for name in ("checkpoints", CONFIG_FILE, "metrics.jsonl"):
-                    if (self.path / name).exists():
-                        (self.path / name).rename(self.path / f"{name}.old-{stamp}")
+        try:
+            old = self.path / CONFIG_FILE
+            ckpts = self.path / "checkpoints"
+            if not fresh and old.exists() and ckpts.exists() and any(ckpts.iterdir()):
+                try:
+                    previous = json.loads(old.read_text())
+                except (OSError, ValueError) as e:
+                    raise UserError(
+                        f"{old} cannot be read ({e}); pass --fresh to set this run aside and start over"
+                    ) from None
+                diff = [k for k in IDENTITY_KEYS if _get(previous, k) != _get(config_dict, k)]
+                if diff:
+                    raise UserError(
+                        f"workdir {self.path} holds checkpoints of a different run ({', '.join(diff)} differ); "
+                        "use another --workdir, or pass --fresh to set them aside and start over"
+                    )
+            if fresh:
+                self.set_aside()
+        except BaseException:
+            self.close()
+            raise
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
         if write:
-            (self.path / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+            write_atomic(self.path / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True))
+
+    def set_aside(self) -> pathlib.Path | None:
+        """Moves the outputs of an earlier run into ``old-<time>/`` (never deletes them)."""
+        found = [self.path / n for n in RUN_OUTPUTS if (self.path / n).exists()]
+        found += sorted(p for pattern in RUN_OUTPUT_PATTERNS for p in self.path.glob(pattern))
+        if not found:
+            return None
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        dest = self.path / f"old-{stamp}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.path / f"old-{stamp}-{n}"
+        dest.mkdir()
+        for p in found:
+            p.rename(dest / p.name)
+        logging.getLogger("resnet_jax").warning("--fresh: moved the previous run's files to %s", dest)
+        return dest
 
     def write_run_info(self, **extra) -> None:
         info = {
@@ -83,7 +118,7 @@ class Workdir:
             "started": datetime.datetime.now(datetime.UTC).isoformat(),
             **extra,
         }
-        (self.path / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
+        write_atomic(self.path / RUN_INFO_FILE, json.dumps(info, indent=2))
 
     def _acquire_lock(self) -> None:
         # flock is released by the kernel when the process dies, even by SIGKILL: no stale locks.
@@ -95,11 +130,7 @@ class Workdir:
             raise UserError(
                 f"workdir {self.path} is in use by another live run; wait for it or use another --workdir"
             ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        self._lock = f
+        self._lock = f  # the pid is written once every check has passed (open)
 
     def close(self) -> None:
         if self._lock is not None:
@@ -112,4 +143,7 @@ def load_config_dict(workdir) -> dict:
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise UserError(f"{path} not found: is {workdir} the --workdir of a training run?")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); is {workdir} the --workdir of a training run?") from None

@@ -1,0 +1,280 @@
+"""Bad input to the command-line tools: one line saying what to do, a non-zero exit, no traceback,
+and nothing in an existing workdir modified. Every case is a real ``python -m ...`` process (run
+several at a time); each gets its own copy of a real run's workdir and compares a snapshot of
+every file (contents and modification times) before and after."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BASE = [
+    "--config=experiments/digits.py",
+    "--config.model.name=cifar_resnet8",
+    "--config.batch_size=32",
+    "--config.num_steps=16",  # as in test_reliability: the same compiled train step
+    "--config.log_every_steps=1",
+    "--config.eval_every_epochs=100",
+    "--config.progress_bar=false",
+]
+# CIFAR-10 is downloaded when missing; offline, TFDS retries for minutes before giving up. The
+# command is the real entry point with TFDS's retry count set to 0, so the test sees the same
+# error at once.
+NO_RETRY_TRAIN = (
+    "import tensorflow_datasets.core.download.downloader as d; d.MAX_RETRIES = 0; "
+    "from resnet_jax.train import main; main()"
+)
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.getbasetemp() / "jax-cache")
+
+
+def env_for(cache: str, devices: int = 1) -> dict:
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+
+
+def run(cache: str, argv: list[str], devices: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, env=env_for(cache, devices), capture_output=True, text=True, timeout=300
+    )
+
+
+def train(*args: str) -> list[str]:
+    return ["-m", "resnet_jax.train", *args]
+
+
+def snapshot(wd: pathlib.Path) -> dict[str, tuple]:
+    """Every file under ``wd``: (size, mtime in ns, sha256)."""
+    out = {}
+    for p in sorted(wd.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(wd))] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str, max_lines: int = 6) -> str:
+    err = p.stderr
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 2, (p.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    assert lines and lines[-1].startswith("error: "), err[-3000:]
+    assert sum(ln.startswith("error:") for ln in lines) == 1, err[-3000:]
+    assert len(lines) <= max_lines, err[-3000:]
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def existing(tmp_path_factory, jax_cache) -> pathlib.Path:
+    """A finished run: checkpoints (steps 8 and 16), metrics, config, event files, curves."""
+    wd = tmp_path_factory.mktemp("existing")
+    p = run(jax_cache, train(*BASE, "--config.checkpoint_every_steps=8", f"--workdir={wd}"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(os.listdir(wd / "checkpoints")) == ["16", "8"]
+    assert (wd / "metrics.jsonl").is_file()
+    return wd
+
+
+def _config_files(tmp: pathlib.Path) -> dict[str, pathlib.Path]:
+    (tmp / "syntax_error.py").write_text("def get_config(:\n    return None\n")
+    (tmp / "a_directory.py").mkdir()
+    return {"missing": tmp / "missing.py", "syntax": tmp / "syntax_error.py", "directory": tmp / "a_directory.py"}
+
+
+def _train_cases(tmp: pathlib.Path) -> dict[str, tuple]:
+    """name -> (argv without --workdir, devices, needles, max stderr lines)."""
+    files = _config_files(tmp)
+    empty = tmp / "empty_data"
+    empty.mkdir()
+
+    def with_config(path):
+        return [f"--config={path}", *BASE[1:]]
+
+    return {
+        "unknown_key": (train(*BASE, "--config.nope=1"), 1, ["unknown config key 'nope'", "--config.nope"], 6),
+        "typo_key": (train(*BASE, "--config.model.nam=x"), 1, ["'nam'", 'Did you mean "name"'], 6),
+        "wrong_type": (train(*BASE, "--config.batch_size=abc"), 1, ["--config.batch_size=abc", "int"], 6),
+        "missing_config": (
+            train(*with_config(files["missing"])),
+            1,
+            [f"--config={files['missing']}", "No such file or directory", "experiments/digits.py"],
+            6,
+        ),
+        "config_is_a_directory": (train(*with_config(files["directory"])), 1, ["Is a directory"], 6),
+        "config_syntax_error": (
+            train(*with_config(files["syntax"])),
+            1,
+            ["invalid syntax", "syntax_error.py, line 1", "fix the file"],
+            6,
+        ),
+        "unknown_model": (
+            train(*BASE, "--config.model.name=nonet"),
+            1,
+            ["unknown model 'nonet'", "cifar_resnet20", "resnet50"],
+            6,
+        ),
+        "cifar_depth": (train(*BASE, "--config.model.name=cifar_resnet21"), 1, ["cifar_resnet21", "6n+2"], 6),
+        "preact_depth": (
+            train(*BASE, "--config.model.name=cifar_preact_resnet21"),
+            1,
+            ["cifar_preact_resnet21", "9n+2"],
+            6,
+        ),
+        "batch_vs_devices": (
+            train(*BASE, "--config.batch_size=30"),
+            8,
+            ["batch_size=30", "8 devices", "multiple of 8"],
+            6,
+        ),
+        "imagenet_tars_missing": (
+            train(
+                *BASE,
+                "--config.dataset.name=imagenet2012",
+                f"--config.dataset.data_dir={empty}",
+                f"--config.dataset.manual_dir={empty}",
+            ),
+            1,
+            ["imagenet2012", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", f"manual_dir {empty}"],
+            8,
+        ),
+        "cifar10_missing": (
+            ["-c", NO_RETRY_TRAIN, *BASE, "--config.dataset.name=cifar10", f"--config.dataset.data_dir={empty}"],
+            1,
+            ["cifar10", f"data_dir {empty}", "tfds build cifar10"],
+            40,  # TFDS prints its download progress bars before giving up
+        ),
+        "different_model": (
+            train(*BASE, "--config.model.name=cifar_resnet14"),
+            1,
+            ["different run", "model", "--fresh"],
+            6,
+        ),
+        "workdir_locked": (train(*BASE), 1, ["in use by another live run"], 6),
+    }
+
+
+def _evaluate_cases(tmp: pathlib.Path, existing: pathlib.Path) -> dict[str, tuple]:
+    """name -> (argv, workdir to watch or None, needles)."""
+    no_ckpt = tmp / "no_checkpoints"
+    no_ckpt.mkdir()
+    shutil.copy(existing / "config.json", no_ckpt / "config.json")
+    wd = tmp / "evaluated"
+    shutil.copytree(existing, wd)
+    ev = ["-m", "resnet_jax.evaluate"]
+    return {
+        "missing_workdir": ([*ev, f"--workdir={tmp / 'nowhere'}"], None, ["does not exist"]),
+        "not_a_run": ([*ev, f"--workdir={tmp / 'empty_data'}"], None, ["config.json not found", "of a training run"]),
+        "no_checkpoints": ([*ev, f"--workdir={no_ckpt}"], no_ckpt, ["no complete checkpoint", "train first"]),
+        "bad_checkpoint": (
+            [*ev, f"--workdir={wd}", "--checkpoint=7"],
+            wd,
+            ["--checkpoint='7'", "'latest', 'best'", "[8, 16]"],
+        ),
+        "garbage_checkpoint": ([*ev, f"--workdir={wd}", "--checkpoint=banana"], wd, ["--checkpoint='banana'"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def results(existing, tmp_path_factory, jax_cache) -> dict:
+    """Every case of this module, four processes at a time: the bad-input cases of the trainer
+    (each on its own copy of ``existing``), the evaluate cases, and one ``--fresh`` run."""
+    tmp = tmp_path_factory.mktemp("cases")
+    train_cases = _train_cases(tmp)
+    jobs, watch = {}, {}
+    for name, (argv, devices, _, _) in train_cases.items():
+        wd = tmp / "wd" / name
+        shutil.copytree(existing, wd)
+        watch[name] = (wd, snapshot(wd))
+        jobs[name] = ([*argv, f"--workdir={wd}"], devices)
+    # A workdir whose parent is a regular file cannot be created (chmod does not stop root).
+    blocked = tmp / "wd" / "workdir_unwritable"
+    shutil.copytree(existing, blocked)
+    watch["workdir_unwritable"] = (blocked, snapshot(blocked))
+    train_cases["workdir_unwritable"] = (None, 1, ["cannot write to workdir", "Not a directory", "choose another"], 6)
+    jobs["workdir_unwritable"] = (train(*BASE, f"--workdir={blocked / 'config.json' / 'run'}"), 1)
+    evaluate_cases = _evaluate_cases(tmp, existing)
+    for name, (argv, wd, _) in evaluate_cases.items():
+        jobs[f"evaluate_{name}"] = (argv, 1)
+        if wd is not None:
+            watch[f"evaluate_{name}"] = (wd, snapshot(wd))
+    # --fresh on a workdir of another model configuration (an option that only changes the
+    # initialisation, so the compiled train step is shared with the other runs).
+    fresh = tmp / "wd" / "fresh"
+    shutil.copytree(existing, fresh)
+    fresh_before = snapshot(fresh)
+    jobs["fresh"] = (train(*BASE, "--config.model.zero_init_last_bn=false", "--fresh", f"--workdir={fresh}"), 1)
+
+    # Another live run holds the lock: this process takes it as the trainer does.
+    holder = open(watch["workdir_locked"][0] / ".lock", "a+")  # noqa: SIM115
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            futures = {name: pool.submit(run, jax_cache, argv, devices) for name, (argv, devices) in jobs.items()}
+            done = {name: f.result() for name, f in futures.items()}
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+    return {
+        "done": done,
+        "train_cases": train_cases,
+        "evaluate_cases": evaluate_cases,
+        "changed": sorted(name for name, (wd, before) in watch.items() if snapshot(wd) != before),
+        "fresh": (fresh, fresh_before),
+    }
+
+
+def _check(results: dict, cases: dict, prefix: str = "") -> None:
+    failures = []
+    for name, case in cases.items():
+        needles, max_lines = (case[2], case[3]) if len(case) == 4 else (case[2], 6)
+        try:
+            assert_one_line_error(results["done"][prefix + name], *needles, max_lines=max_lines)
+        except AssertionError as e:
+            failures.append(f"{name}: {e}")
+    assert not failures, "\n".join(failures)
+
+
+def test_bad_input_is_one_line_and_leaves_the_workdir_alone(results):
+    """Unknown or ill-typed keys, unreadable config files, bad model names and depths, a batch
+    the devices cannot split, missing datasets, an unwritable, locked or foreign workdir."""
+    _check(results, results["train_cases"])
+    assert results["changed"] == []
+
+
+def test_evaluate_errors_are_one_line(results):
+    _check(results, results["evaluate_cases"], prefix="evaluate_")
+    assert results["changed"] == []
+
+
+def test_fresh_sets_the_old_run_aside(results):
+    """The refused case above, with --fresh: the old files move to old-<time>/, untouched (same
+    contents and times), and the new run starts from step 0."""
+    p = results["done"]["fresh"]
+    assert p.returncode == 0, p.stderr[-3000:]
+    wd, before = results["fresh"]
+    (old,) = [d for d in wd.iterdir() if d.name.startswith("old-")]
+    assert snapshot(old) == {k: v for k, v in before.items() if k != ".lock"}  # all but the lock file
+    assert json.loads((wd / "config.json").read_text())["model"]["zero_init_last_bn"] is False
+    assert json.loads((wd / "run_info.json").read_text())["resumed_from"] == 0
+    assert sorted(os.listdir(wd / "checkpoints")) == ["16"]
