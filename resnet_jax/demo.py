@@ -72,8 +72,8 @@ def plot(out_dir: pathlib.Path, runs: dict[str, pathlib.Path]) -> pathlib.Path:
             label=f"{depth}-layer",
         )
     for ax, title in zip(axes, ("plain", "ResNet")):
-        ax.set(title=f"{title} (digits)", xlabel="iterations", yscale="log")
-        ax.grid(alpha=0.3, which="both")
+        ax.set(title=f"{title} (digits)", xlabel="iterations", ylim=(0, 100))
+        ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_ylabel("training error (%)")
     fig.tight_layout()

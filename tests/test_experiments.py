@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -128,3 +129,17 @@ def test_sweep_bad_file(capsys):
     with pytest.raises(SystemExit) as e:
         sweep.main(["/nonexistent/sweep.py"])
     assert e.value.code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_demo_writes_figure_and_tables(tmp_path):
+    """The main job end to end at a tiny budget: four runs, the figure, results.md and results.json."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "resnet_jax.demo", f"--workdir={tmp_path}", "--num_steps=2"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56"}
+    for r in results.values():
+        assert set(r) == {"train_top1_err", "test_top1_err"} and all(0 <= v <= 1 for v in r.values())
+    assert (tmp_path / "degradation.png").stat().st_size > 10_000
+    assert "cifar_plain56" in (tmp_path / "results.md").read_text()
