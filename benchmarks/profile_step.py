@@ -1,0 +1,241 @@
+"""Where does our train step differ from the Linen baseline's? A/B variants, interleaved.
+
+    python benchmarks/profile_step.py --model cifar_resnet56 --batch_size 128 [--steps 3] [--repeats 6]
+
+Times, in one process and interleaved repeat by repeat (alternating the order):
+
+* ``ours``: ``Trainer.train_step`` as a training run uses it;
+* ``ours_no_guard``: the same step without the non-finite guard (``all_finite(grads)`` and the
+  ``jnp.where`` over the whole state);
+* ``ours_linen_bn``: ours with BatchNorm written as Flax Linen writes it (per-channel
+  ``rsqrt(var + eps) * scale`` folded into one multiplier; statistics over (N, H, W) of the 4-D
+  tensor instead of the grouped 5-D reshape);
+* ``ours_no_guard_linen_bn``: both;
+* ``ours_folded_bn`` (and ``ours_no_guard_folded_bn``): ours with only ``scale`` folded into the
+  per-group multiplier, ``(x - mean) * (rsqrt(var + eps) * scale) + bias``, keeping the grouped
+  statistics (the one-line change that works for any ``bn_group_size``);
+* ``linen``: the baseline of ``benchmarks/linen_resnet.py``.
+
+The variants only patch ``BatchNorm.__call__`` while tracing (the package files are unchanged).
+For each it also prints what XLA compiled: FLOPs and bytes accessed (``cost_analysis``), temporary
+buffer bytes, and the number of fusions, convolutions and reductions in the optimized HLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from resnet_jax import bench  # noqa: E402
+from resnet_jax.models import layers  # noqa: E402
+from resnet_jax.train import cross_entropy, train_step  # noqa: E402
+
+_ORIGINAL_BN = layers.BatchNorm.__call__
+
+
+def linen_style_bn(self, x):
+    """Flax Linen's formulation (nn.BatchNorm with use_fast_variance) for global statistics."""
+    if self.use_running_average or (self.group_size and self.group_size != x.shape[0]):
+        return _ORIGINAL_BN(self, x)
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))  # N, H, W
+    mean = jnp.mean(x32, axes)
+    var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
+    m = self.momentum
+    self.mean.set_value(m * self.mean[...] + (1 - m) * mean)
+    self.var.set_value(m * self.var[...] + (1 - m) * var)
+    mul = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]  # [C]: scale folded in
+    return ((x32 - mean) * mul + self.bias[...]).astype(self.dtype)
+
+
+def folded_bn(self, x):
+    """Ours (grouped statistics, 5-D reshape) with ``scale`` folded into the per-group multiplier."""
+    if self.use_running_average:
+        return _ORIGINAL_BN(self, x)
+    x32 = x.astype(jnp.float32)
+    n = x.shape[0]
+    g = self.group_size or n
+    xg = x32.reshape((n // g, g) + x.shape[1:])  # [groups, g, H, W, C]
+    axes = tuple(range(1, xg.ndim - 1))
+    gmean = jnp.mean(xg, axis=axes, keepdims=True)
+    gvar = jnp.maximum(jnp.mean(jnp.square(xg), axis=axes, keepdims=True) - jnp.square(gmean), 0.0)
+    m = self.momentum
+    self.mean.set_value(m * self.mean[...] + (1 - m) * jnp.mean(gmean, axis=tuple(range(gmean.ndim - 1))))
+    self.var.set_value(m * self.var[...] + (1 - m) * jnp.mean(gvar, axis=tuple(range(gvar.ndim - 1))))
+    mul = jax.lax.rsqrt(gvar + self.epsilon) * self.scale[...]  # [groups, 1, 1, 1, C]
+    y = (xg - gmean) * mul + self.bias[...]
+    return y.reshape(x.shape).astype(self.dtype)
+
+
+@contextlib.contextmanager
+def batchnorm(fn):
+    layers.BatchNorm.__call__ = fn
+    try:
+        yield
+    finally:
+        layers.BatchNorm.__call__ = _ORIGINAL_BN
+
+
+def train_step_no_guard(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing):
+    """resnet_jax.train.train_step without the non-finite guard."""
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
+        logits = model(batch["image"])
+        loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+        return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state, step=state["step"] + 1)
+    metrics = {
+        "train/loss": loss,
+        "train/top1_acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "train/lr": schedule(state["step"]),
+    }
+    return new, metrics
+
+
+class Variant:
+    """A variant of our step, compiled on the batch and state of ``base`` (a ``bench.OurStep``)."""
+
+    def __init__(self, label: str, base: bench.OurStep, *, guard: bool, bn):
+        self.label = label
+        self.bn = bn
+        t = base.trainer
+        fn = functools.partial(
+            train_step if guard else train_step_no_guard,
+            graphdef=t.graphdef_train,
+            tx=t.tx,
+            schedule=t.schedule,
+            num_classes=t.info.num_classes,
+            label_smoothing=t.config.label_smoothing,
+        )
+        jitted = jax.jit(
+            fn,
+            in_shardings=(t.state_shardings, t.batch_sharding),
+            out_shardings=(t.state_shardings, t.replicated),
+            donate_argnums=0,
+        )
+        self.state = t.init_state()
+        self.batch = base.batch
+        with batchnorm(bn):
+            self.compiled = jitted.lower(self.state, self.batch).compile()
+
+    def step(self):
+        self.state, metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+
+
+def hlo_stats(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    text = compiled.as_text()
+    ma = compiled.memory_analysis()
+    return {
+        "gflops": round(cost.get("flops", 0.0) / 1e9, 2),
+        "gbytes_accessed": round(cost.get("bytes accessed", 0.0) / 1e9, 2),
+        "temp_mib": round(ma.temp_size_in_bytes / 2**20, 1) if ma else None,
+        "fusions": len(re.findall(r"^\s*%?\S+ = \S+ fusion\(", text, re.M)),
+        "convolutions": len(re.findall(r" convolution\(", text)),
+        "reduces": len(re.findall(r" reduce\(", text)),
+        "custom_calls": len(re.findall(r" custom-call\(", text)),
+    }
+
+
+def residual_bytes(runner, base: bench.OurStep) -> int:
+    """Bytes autodiff keeps for the backward pass of the model's loss (see bench.saved_residual_bytes)."""
+    image = base.batch["image"]
+    if isinstance(runner, bench.LinenStep):
+        state = runner.state
+
+        def loss(params):
+            logits, _ = state.apply_fn(
+                {"params": params, "batch_stats": state.batch_stats}, image, mutable=["batch_stats"]
+            )
+            return logits.sum()
+
+        return bench.saved_residual_bytes(loss, state.params)
+    t = base.trainer
+
+    def loss(params):
+        model = nnx.merge(t.graphdef_train, params, runner.state["batch_stats"], copy=True)
+        return model(image).sum()
+
+    with batchnorm(getattr(runner, "bn", _ORIGINAL_BN)):
+        return bench.saved_residual_bytes(loss, runner.state["params"])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="cifar_resnet56")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--image_size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--half_precision", action="store_true")
+    p.add_argument("--variants", default="ours,ours_no_guard,ours_linen_bn,ours_no_guard_linen_bn,linen")
+    a = p.parse_args(argv)
+    args = bench.build_parser().parse_args(
+        [f"--model={a.model}", f"--batch_size={a.batch_size}"] + (["--half_precision"] if a.half_precision else [])
+    )
+    args.image_size = a.image_size or bench.default_image_size(a.model)
+    args.num_classes = bench.default_num_classes(a.model)
+    bench.use_fast_prng()
+    base = bench.OurStep(args)
+    runners = []
+    wanted = a.variants.split(",")
+    specs = {
+        "ours": (True, _ORIGINAL_BN),
+        "ours_no_guard": (False, _ORIGINAL_BN),
+        "ours_linen_bn": (True, linen_style_bn),
+        "ours_no_guard_linen_bn": (False, linen_style_bn),
+        "ours_folded_bn": (True, folded_bn),
+        "ours_no_guard_folded_bn": (False, folded_bn),
+    }
+    for label in wanted:
+        if label == "linen":
+            r = bench.LinenStep(args, base)
+        elif label == "ours":
+            r = base
+        else:
+            guard, bn = specs[label]
+            r = Variant(label, base, guard=guard, bn=bn)
+        stats = hlo_stats(r.compiled)
+        stats["residual_mib"] = round(residual_bytes(r, base) / 2**20, 1)
+        print(label, json.dumps(stats), flush=True)
+        runners.append(r)
+    if a.repeats < 1:
+        return
+    t = bench.interleaved_times(runners, steps=a.steps, repeats=a.repeats, warmup=a.warmup)
+    print(f"\n{a.model}, batch {a.batch_size}, {args.image_size}px ({a.repeats} x {a.steps} steps, interleaved)")
+    print("  (speed vs ours > 1: faster than ours; paired = median over repeats of the within-repeat ratio)")
+    summary = {}
+    for r in runners:
+        sp = t.speedups(r.label, "ours") if "ours" in t.wall else None
+        summary[r.label] = {"img_per_s": t.img_per_s(r.label, a.batch_size), **(sp or {})}
+        print(
+            f"  {r.label:24s} {t.img_per_s(r.label, a.batch_size):8.2f} img/s"
+            f"  cpu {1e3 * statistics.median(t.cpu[r.label]):9.1f} ms/step"
+            + (f"  vs ours: {sp['ratio']:.3f} (paired {sp['paired']:.3f}, cpu {sp['cpu']:.3f})" if sp else "")
+        )
+    print(json.dumps({"model": a.model, "batch_size": a.batch_size, "variants": summary}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The benchmark harness: the CLI's JSON line, the Linen baseline's architecture, the input-pipeline
+mode and one-line errors. Tiny sizes only: the real measurements are in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import bench
+from resnet_jax.summary import abstract_model, count_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "resnet_jax.bench", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_json_line():
+    """--json ends the output with one parsable line holding the required, positive numbers."""
+    p = run_bench("--model=cifar_resnet8", "--batch_size=8", "--image_size=16", "--steps=2", "--warmup=1", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert (out["model"], out["batch_size"], out["image_size"]) == ("cifar_resnet8", 8, 16)
+    for key in ("train_img_per_s", "eval_img_per_s", "compile_s", "peak_mem_bytes", "flops_per_step"):
+        assert isinstance(out[key], int | float) and out[key] > 0, key
+    # count_macs of a CIFAR ResNet-8 at 16x16 (3 stages of one basic block, 16/32/64 channels).
+    assert out["forward_macs_per_image"] > 1e6
+    assert out["flops_per_step"] == 3 * 2 * 8 * out["forward_macs_per_image"]
+    assert out["mfu"] is None  # no known peak for a CPU
+    assert "device" in out and len(out["train_step_ms_all"]) == 2
+
+
+def test_bad_model_name_is_one_line():
+    p = run_bench("--model=resnet19", "--json", timeout=120)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "depth 19" in lines[0], p.stderr
+    assert "Traceback" not in p.stderr and not p.stdout.strip()
+
+
+def test_bad_option_is_one_line():
+    p = run_bench("--model=cifar_resnet8", "--steps=-1", timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "Traceback" not in p.stderr
+
+
+def test_input_pipeline_mode():
+    p = run_bench(
+        "--input_pipeline", "--ip_images=4", "--ip_batches=1", "--ip_batch_size=2", "--ip_image_size=32", "--json"
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["cpu_cores"] >= 1
+    for name in ("digits", "cifar", "imagenet"):
+        assert out[f"{name}_img_per_s"] > 0 and out[f"{name}_img_per_s_per_core"] > 0, name
+
+
+@pytest.fixture(scope="module")
+def linen():
+    module = bench.load_benchmark_module("linen_resnet")
+    assert module is not None
+    return module
+
+
+@pytest.mark.parametrize(
+    "name, num_classes, size",
+    [("resnet18", 1000, 224), ("resnet50", 1000, 224), ("cifar_resnet20", 10, 32), ("cifar_resnet56", 100, 32)],
+)
+def test_linen_baseline_is_the_same_architecture(linen, name, num_classes, size):
+    """Same parameter count as our model (and as torchvision: 11,689,512 / 25,557,032)."""
+    model = linen.create_model(name, num_classes=num_classes)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, size, size, 3)), train=False))
+    assert linen.count_params(variables) == count_params(abstract_model(name, num_classes=num_classes))
+    if name == "resnet18":
+        assert linen.count_params(variables) == 11_689_512
+
+
+def _tiny_imagenet_layout(linen):
+    # The ImageNet stem, a bottleneck stage and a strided one with projection shortcuts; a full
+    # ResNet-18/50 step takes a minute to compile on a busy 2-core CPU (the layouts are checked
+    # above by parameter count).
+    return linen.ResNet(stage_sizes=(1, 1), block_cls=linen.BottleneckResNetBlock, num_classes=10, num_filters=4)
+
+
+@pytest.mark.parametrize("layout, size", [("cifar_resnet8", 16), ("imagenet", 32)])
+def test_linen_baseline_trains(linen, layout, size):
+    if layout == "imagenet":
+        model = _tiny_imagenet_layout(linen)
+    else:
+        model = linen.create_model(layout, num_classes=10, width=4)
+    state = linen.create_train_state(model, size, rng=jax.random.key(0, impl="rbg"))
+    before = jax.tree.map(np.asarray, state.batch_stats)
+    step = linen.make_train_step(10)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(4, size, size, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32),
+    }
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, jax.tree.map(np.asarray, state.batch_stats))
+    assert any(jax.tree.leaves(changed))
+
+
+def test_linen_baseline_rejects_unknown_layouts(linen):
+    with pytest.raises(ValueError, match="no model"):
+        linen.create_model("cifar_resnet21", num_classes=10)
+
+
+def test_peak_table_and_markdown():
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", True) == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe", True) == 756.0
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", False) == 156.0
+    assert bench.peak_tflops("cpu", True) is None
+    row = dict(
+        model="resnet18",
+        image_size=112,
+        batch_size=32,
+        half_precision=False,
+        train_img_per_s=40.0,
+        linen_train_img_per_s=36.0,
+        ratio_vs_linen=40 / 36,
+        torch_train_img_per_s=None,
+        eval_img_per_s=100.0,
+        compile_s=5.0,
+        linen_compile_s=4.0,
+        peak_mem_bytes=2**30,
+        mfu=None,
+    )
+    table = bench.markdown([row, {"error": "exit status 1", "args": ["--model=x"]}])
+    assert "| resnet18 | 112 | 32 | fp32 | 40.0 | 36.0 | 1.11 (n/a; n/a) | n/a |" in table
+    assert "failed: --model=x" in table
