@@ -11,11 +11,15 @@ Library: ``available``, ``create_model``, ``TorchTrainer``.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 
 def available() -> bool:
     """Whether torch and torchvision can be imported."""
+    # torchvision pulls in torch's optional GPU compiler (triton), whose import segfaults once
+    # TensorFlow (the input pipeline) is loaded in the process; eager CPU/GPU timing never needs it.
+    sys.modules.setdefault("triton", None)
     try:
         import torch  # noqa: F401
         import torchvision  # noqa: F401

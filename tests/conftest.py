@@ -1,6 +1,13 @@
 """Shared pytest fixtures."""
 
+import sys
+
 import pytest
+
+# torch imports its optional GPU compiler, triton, on first use of torchvision; in a process where
+# TensorFlow is already loaded that import segfaults (seen when xdist ran tests/test_data.py before
+# tests/test_convert.py in one worker). The CPU tests never need triton: make it unimportable.
+sys.modules.setdefault("triton", None)
 
 
 @pytest.fixture(scope="module")
