@@ -37,8 +37,9 @@ format: $(VENV)/.installed-test
 
 test: lint
 	# Two workers: most tests are single-threaded compiles and subprocesses; one file per worker
-	# keeps module-scoped fixtures (shared training runs) from running twice.
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
+	# keeps module-scoped fixtures (shared training runs) from running twice. A crashed worker
+	# fails the run instead of leaving it waiting.
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 --durations=25
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
