@@ -14,6 +14,8 @@ Times, in one process and interleaved repeat by repeat (alternating the order):
 * ``ours_folded_bn`` (and ``ours_no_guard_folded_bn``): ours with only ``scale`` folded into the
   per-group multiplier, ``(x - mean) * (rsqrt(var + eps) * scale) + bias``, keeping the grouped
   statistics (the one-line change that works for any ``bn_group_size``);
+* ``ours_no_guard_linen_bn_const_lr`` (``..._plain_jit``): also a constant learning rate (the
+  baseline's; ours evaluates the schedule in the step), and also ``jax.jit`` without shardings;
 * ``linen``: the baseline of ``benchmarks/linen_resnet.py``.
 
 The variants only patch ``BatchNorm.__call__`` while tracing (the package files are unchanged).
@@ -113,24 +115,34 @@ def train_step_no_guard(state, batch, *, graphdef, tx, schedule, num_classes, la
 class Variant:
     """A variant of our step, compiled on the batch and state of ``base`` (a ``bench.OurStep``)."""
 
-    def __init__(self, label: str, base: bench.OurStep, *, guard: bool, bn):
+    def __init__(
+        self, label: str, base: bench.OurStep, *, guard: bool, bn, const_lr: bool = False, shardings: bool = True
+    ):
         self.label = label
         self.bn = bn
         t = base.trainer
+        tx, schedule = t.tx, t.schedule
+        if const_lr:  # the Linen baseline's optimizer: no schedule evaluated inside the step
+            lr = float(t.schedule(0))
+            tx = optax.chain(optax.add_decayed_weights(t.config.weight_decay), optax.sgd(lr, momentum=0.9))
+            schedule = optax.constant_schedule(lr)
         fn = functools.partial(
             train_step if guard else train_step_no_guard,
             graphdef=t.graphdef_train,
-            tx=t.tx,
-            schedule=t.schedule,
+            tx=tx,
+            schedule=schedule,
             num_classes=t.info.num_classes,
             label_smoothing=t.config.label_smoothing,
         )
-        jitted = jax.jit(
-            fn,
-            in_shardings=(t.state_shardings, t.batch_sharding),
-            out_shardings=(t.state_shardings, t.replicated),
-            donate_argnums=0,
-        )
+        if shardings:
+            jitted = jax.jit(
+                fn,
+                in_shardings=(t.state_shardings, t.batch_sharding),
+                out_shardings=(t.state_shardings, t.replicated),
+                donate_argnums=0,
+            )
+        else:  # as the Linen baseline is jitted
+            jitted = jax.jit(fn, donate_argnums=0)
         self.state = t.init_state()
         self.batch = base.batch
         with batchnorm(bn):
@@ -207,6 +219,9 @@ def main(argv=None):
         "ours_no_guard_linen_bn": (False, linen_style_bn),
         "ours_folded_bn": (True, folded_bn),
         "ours_no_guard_folded_bn": (False, folded_bn),
+        # The rest of the Linen baseline's differences: a constant learning rate, jit without shardings.
+        "ours_no_guard_linen_bn_const_lr": (False, linen_style_bn, True, True),
+        "ours_no_guard_linen_bn_const_lr_plain_jit": (False, linen_style_bn, True, False),
     }
     for label in wanted:
         if label == "linen":
@@ -214,8 +229,8 @@ def main(argv=None):
         elif label == "ours":
             r = base
         else:
-            guard, bn = specs[label]
-            r = Variant(label, base, guard=guard, bn=bn)
+            guard, bn, *rest = specs[label]
+            r = Variant(label, base, guard=guard, bn=bn, **dict(zip(("const_lr", "shardings"), rest)))
         stats = hlo_stats(r.compiled)
         stats["residual_mib"] = round(residual_bytes(r, base) / 2**20, 1)
         print(label, json.dumps(stats), flush=True)

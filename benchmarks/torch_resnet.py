@@ -87,24 +87,43 @@ def create_model(name: str, num_classes: int) -> Any:
 
 
 class TorchTrainer:
-    """Eager training steps of ``name`` on one fixed random batch (NCHW shape, channels_last memory)."""
+    """Eager training steps of ``name`` on one fixed random batch (NCHW shape, channels_last memory).
 
-    def __init__(self, name: str, *, num_classes: int, batch_size: int, image_size: int, seed: int = 0):
+    Runs on the first CUDA GPU when there is one (cuDNN autotuning on), else on the CPU;
+    ``half_precision`` runs the forward pass under bfloat16 autocast (float32 parameters).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        num_classes: int,
+        batch_size: int,
+        image_size: int,
+        half_precision: bool = False,
+        seed: int = 0,
+    ):
         import torch
 
         torch.manual_seed(seed)
         self.torch = torch
-        self.model = create_model(name, num_classes).to(memory_format=torch.channels_last).train()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.backends.cudnn.benchmark = True
+        self.half_precision = half_precision
+        model = create_model(name, num_classes).to(self.device, memory_format=torch.channels_last)
+        self.model = model.train()
         self.params = sum(p.numel() for p in self.model.parameters())
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         self.loss_fn = torch.nn.CrossEntropyLoss()
-        self.images = torch.randn(batch_size, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
-        self.labels = torch.randint(0, num_classes, (batch_size,))
+        images = torch.randn(batch_size, 3, image_size, image_size, device=self.device)
+        self.images = images.contiguous(memory_format=torch.channels_last)
+        self.labels = torch.randint(0, num_classes, (batch_size,), device=self.device)
 
     def step(self) -> float:
         """One training step; returns the loss (which synchronises, like blocking on a JAX step)."""
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(self.images), self.labels)
+        with self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.half_precision):
+            loss = self.loss_fn(self.model(self.images), self.labels)
         loss.backward()
         self.opt.step()
         return float(loss.detach())

@@ -24,7 +24,11 @@ size over the *median* step time of ``steps x repeats`` steps after ``warmup`` s
   (``benchmarks/linen_resnet.py``) and, when torch is installed, PyTorch eager with channels_last
   (``benchmarks/torch_resnet.py``); reports their throughput and the ratios.
 * ``--remat_compare``: the same run with and without ``model.remat``, each in its own process so
-  that the peak memories do not mix; reports the memory saved and the throughput cost.
+  that the peak memories do not mix; reports the memory saved and the throughput cost, and the
+  bytes autodiff keeps for the backward pass (``residual_bytes``, what remat changes before XLA
+  schedules the buffers; ``--residuals`` adds it to any run). On XLA:CPU pass
+  ``--xla_flags=--xla_cpu_enable_concurrency_optimized_scheduler=false`` for its memory-minimising
+  scheduler (the default one keeps more buffers alive, with or without remat).
 * ``--bn_compare``: global (synchronised) BatchNorm vs ``bn_group_size`` statistics, interleaved,
   on ``--devices`` simulated CPU devices (``--xla_force_host_platform_device_count``).
 * ``--input_pipeline``: the input pipelines on their own, img/s and img/s per CPU core: digits
@@ -165,6 +169,10 @@ def prepare_environment(args: argparse.Namespace) -> None:
         flags += args.xla_flags.split()
     if flags:
         os.environ["XLA_FLAGS"] = " ".join(flags)
+    if args.compare and not args.no_torch:
+        # On a GPU, JAX would otherwise take 75% of its memory up front and leave torch too little;
+        # peak_bytes_in_use is unaffected.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.cores:
         available = sorted(os.sched_getaffinity(0))
         if args.cores > len(available):
@@ -400,7 +408,11 @@ class TorchStep:
     def __init__(self, args: argparse.Namespace):
         module = load_benchmark_module("torch_resnet")
         self.trainer = module.TorchTrainer(
-            args.model, num_classes=args.num_classes, batch_size=args.batch_size, image_size=args.image_size
+            args.model,
+            num_classes=args.num_classes,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            half_precision=args.half_precision,
         )
         self.compile_s = 0.0
 
@@ -601,7 +613,7 @@ def run_subprocess(argv: Sequence[str], env: dict[str, str] | None = None) -> di
     return json.loads(lines[-1])
 
 
-def passthrough_args(args: argparse.Namespace, drop: Sequence[str] = ()) -> list[str]:
+def passthrough_args(args: argparse.Namespace) -> list[str]:
     """The command-line options of ``args`` that define one measurement (for a child process)."""
     out = [
         f"--model={args.model}",
@@ -616,7 +628,7 @@ def passthrough_args(args: argparse.Namespace, drop: Sequence[str] = ()) -> list
     ]
     if args.half_precision:
         out.append("--half_precision")
-    if args.bn_group_size and "bn_group_size" not in drop:
+    if args.bn_group_size:
         out.append(f"--bn_group_size={args.bn_group_size}")
     if args.xla_gpu_flags:
         out.append(f"--xla_gpu_flags={args.xla_gpu_flags}")
@@ -966,6 +978,8 @@ def validate(args: argparse.Namespace) -> None:
             raise BenchError(f"--{key}={v}; must be a positive integer")
     if args.steps < 0 or args.warmup < 0:
         raise BenchError("--steps and --warmup must be >= 0")
+    if args.steps == 0 and (args.compare or args.bn_compare):
+        raise BenchError("--compare and --bn_compare time steps: use --steps >= 1")
     if args.input_pipeline or args.sweep:
         return
     from resnet_jax.models import resolve_options

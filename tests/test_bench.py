@@ -32,8 +32,19 @@ def run_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_cli_json_line():
-    """--json ends the output with one parsable line holding the required, positive numbers."""
-    p = run_bench("--model=cifar_resnet8", "--batch_size=8", "--image_size=16", "--steps=2", "--warmup=1", "--json")
+    """--json ends the output with one parsable line holding the required, positive numbers.
+
+    --xla_gpu_flags is passed too: XLA aborts on unknown XLA_FLAGS, so this checks that the GPU
+    flags are known to this jaxlib (they are inert on the CPU)."""
+    p = run_bench(
+        "--model=cifar_resnet8",
+        "--batch_size=8",
+        "--image_size=16",
+        "--steps=2",
+        "--warmup=1",
+        "--xla_gpu_flags",
+        "--json",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert (out["model"], out["batch_size"], out["image_size"]) == ("cifar_resnet8", 8, 16)
@@ -44,6 +55,7 @@ def test_cli_json_line():
     assert out["flops_per_step"] == 3 * 2 * 8 * out["forward_macs_per_image"]
     assert out["mfu"] is None  # no known peak for a CPU
     assert "device" in out and len(out["train_step_ms_all"]) == 2
+    assert bench.DEFAULT_XLA_GPU_FLAGS in out["xla_flags"]
 
 
 def test_bad_model_name_is_one_line():
@@ -146,3 +158,15 @@ def test_peak_table_and_markdown():
     table = bench.markdown([row, {"error": "exit status 1", "args": ["--model=x"]}])
     assert "| resnet18 | 112 | 32 | fp32 | 40.0 | 36.0 | 1.11 (n/a; n/a) | n/a |" in table
     assert "failed: --model=x" in table
+
+
+def test_saved_residual_bytes():
+    """The bytes autodiff keeps for the backward pass, and how jax.checkpoint reduces them."""
+
+    def f(x):
+        return jnp.sum(jnp.sin(jnp.sin(jnp.sin(x))))
+
+    x = jnp.ones((1000,), jnp.float32)
+    plain = bench.saved_residual_bytes(f, x)
+    remat = bench.saved_residual_bytes(jax.checkpoint(f), x)
+    assert plain >= 3 * 4000 and remat == 4000  # cos of each sin's input vs the input alone
