@@ -95,11 +95,14 @@ class BatchNorm(nnx.Module):
             # made tracing quadratic in depth (ResNet-152 training: 4.4 s -> 0.45 s to trace).
             self.mean.set_value(m * self.mean[...] + (1 - m) * jnp.mean(gmean, axis=tuple(range(gmean.ndim - 1))))
             self.var.set_value(m * self.var[...] + (1 - m) * jnp.mean(gvar, axis=tuple(range(gvar.ndim - 1))))
-            y = (xg - gmean) * jax.lax.rsqrt(gvar + self.epsilon)
-            y = y.reshape(x.shape) * self.scale[...] + self.bias[...]
-            return y.astype(self.dtype)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
-        return y.astype(self.dtype)
+            # Fold the scale into one per-channel multiplier: normalising first and scaling after
+            # keeps an extra full-size tensor alive for the backward pass (measured: +33% XLA
+            # buffers and ~4% slower than the Flax Linen reference on cifar_resnet56).
+            mul = jax.lax.rsqrt(gvar + self.epsilon) * self.scale[...]
+            y = (xg - gmean) * mul + self.bias[...]
+            return y.reshape(x.shape).astype(self.dtype)
+        mul = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+        return ((x32 - mean) * mul + self.bias[...]).astype(self.dtype)
 
 
 def subsample_and_pad(x: jax.Array, out_ch: int, stride: int) -> jax.Array:
