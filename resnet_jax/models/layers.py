@@ -77,32 +77,51 @@ class BatchNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
+        n = x.shape[0]
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
-        else:
-            n = x.shape[0]
-            g = self.group_size or n
-            if n % g:
-                raise ValueError(f"batch of {n} images is not divisible by bn_group_size={g}")
-            xg = x32.reshape((n // g, g) + x.shape[1:])  # [groups, g, H, W, C]
-            axes = tuple(range(1, xg.ndim - 1))
-            # One pass (E[x^2] - E[x]^2) lets XLA fuse both reductions; clamp the rounding error.
-            gmean = jnp.mean(xg, axis=axes, keepdims=True)
-            gvar = jnp.maximum(jnp.mean(jnp.square(xg), axis=axes, keepdims=True) - jnp.square(gmean), 0.0)
-            m = self.momentum
-            # set_value, not `self.mean[...] = v`: under tracing, flax's indexed assignment reads
-            # the tracer's `.sharding`, which makes JAX walk every equation traced so far; that
-            # made tracing quadratic in depth (ResNet-152 training: 4.4 s -> 0.45 s to trace).
-            self.mean.set_value(m * self.mean[...] + (1 - m) * jnp.mean(gmean, axis=tuple(range(gmean.ndim - 1))))
-            self.var.set_value(m * self.var[...] + (1 - m) * jnp.mean(gvar, axis=tuple(range(gvar.ndim - 1))))
-            # Fold the scale into one per-channel multiplier: normalising first and scaling after
-            # keeps an extra full-size tensor alive for the backward pass (measured: +33% XLA
-            # buffers and ~4% slower than the Flax Linen reference on cifar_resnet56).
-            mul = jax.lax.rsqrt(gvar + self.epsilon) * self.scale[...]
-            y = (xg - gmean) * mul + self.bias[...]
-            return y.reshape(x.shape).astype(self.dtype)
+        elif self.group_size and self.group_size != n:
+            return self._grouped(x32, self.group_size).astype(self.dtype)
+        else:  # global statistics over (N, H, W)
+            mean, var = _moments(x32, tuple(range(x.ndim - 1)))
+            self._update_running(mean, var)
+        # Fold the scale into one per-channel multiplier: normalising first and scaling after
+        # keeps an extra full-size tensor alive for the backward pass (measured: +33% XLA
+        # buffers and ~4% slower than the Flax Linen reference on cifar_resnet56).
+        # The order of the operations here and in _moments is Flax's own: it steers XLA:CPU's
+        # fusion. Computing `mul` before `x - mean` made XLA duplicate each BN backward into two
+        # fusions (measured: +2.7% bytes accessed, 6% slower on cifar_resnet56).
+        y = x32 - mean
         mul = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
-        return ((x32 - mean) * mul + self.bias[...]).astype(self.dtype)
+        return (y * mul + self.bias[...]).astype(self.dtype)
+
+    def _grouped(self, x32: jax.Array, g: int) -> jax.Array:
+        """Each group of ``g`` images normalised with its own statistics (a reshape, no collective)."""
+        n = x32.shape[0]
+        if n % g:
+            raise ValueError(f"batch of {n} images is not divisible by bn_group_size={g}")
+        xg = x32.reshape((n // g, g) + x32.shape[1:])  # [groups, g, H, W, C]
+        gmean, gvar = _moments(xg, tuple(range(1, xg.ndim - 1)), keepdims=True)
+        self._update_running(gmean.mean(axis=tuple(range(xg.ndim - 1))), gvar.mean(axis=tuple(range(xg.ndim - 1))))
+        y = xg - gmean
+        y = y * (jax.lax.rsqrt(gvar + self.epsilon) * self.scale[...]) + self.bias[...]
+        return y.reshape(x32.shape)
+
+    def _update_running(self, mean: jax.Array, var: jax.Array) -> None:
+        m = self.momentum
+        # set_value, not `self.mean[...] = v`: under tracing, flax's indexed assignment reads
+        # the tracer's `.sharding`, which makes JAX walk every equation traced so far; that
+        # made tracing quadratic in depth (ResNet-152 training: 4.4 s -> 0.45 s to trace).
+        self.mean.set_value(m * self.mean[...] + (1 - m) * mean)
+        self.var.set_value(m * self.var[...] + (1 - m) * var)
+
+
+def _moments(x: jax.Array, axes: tuple[int, ...], keepdims: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance in one pass (E[x^2] - E[x]^2, so XLA fuses both reductions), with
+    the rounding error clamped at zero. (Squaring first, as Flax does: see BatchNorm.__call__.)"""
+    x2 = jnp.square(x)
+    mean = jnp.mean(x, axis=axes, keepdims=keepdims)
+    return mean, jnp.maximum(0.0, jnp.mean(x2, axis=axes, keepdims=keepdims) - jnp.square(mean))
 
 
 def subsample_and_pad(x: jax.Array, out_ch: int, stride: int) -> jax.Array:
