@@ -5,7 +5,7 @@ A library (``train_and_evaluate(config, workdir)``) with a thin entry point::
   python -m resnet_jax.train --config=experiments/digits.py --workdir=/tmp/digits \
       [--config.model.name=cifar_resnet56 ...] [--fresh]
 
-Design: the train state is a plain pytree ``{"params", "batch_stats", "opt_state", "step",
+Design: the train state is a pytree of plain dicts ``{"params", "batch_stats", "opt_state", "step",
 "nonfinite"}`` created directly sharded (``jit`` with ``out_shardings``); one pure
 ``train_step(state, batch) -> (state, metrics)`` is jitted once over a ``Mesh`` of all devices with
 the batch split over the ``data`` axis and the state donated. BatchNorm statistics under a
@@ -69,38 +69,56 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
     return optax.softmax_cross_entropy(logits, onehot)
 
 
-def all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def all_finite(tree, fused: bool = True) -> jax.Array:
+    """Whether every element of every leaf is finite.
+
+    ``fused``: one reduction over all the leaves concatenated. One reduction per leaf costs one
+    small kernel per leaf; on a GPU those launches took a third of a CIFAR ResNet-56 step
+    (measured: 0.65x the Flax Linen reference with per-leaf checks). Leaves sharded over devices
+    (``shard_params``) are checked one by one instead: concatenating them would gather them.
+    """
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    if fused:
+        return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])))
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def train_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing):
+def train_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing, fused_checks=True):
     """One SGD step. Pure: ``(state, batch) -> (state, metrics)``.
 
-    A step whose loss, gradients, new parameters or new BatchNorm statistics are not finite leaves
-    the state unchanged (and is counted in ``state["nonfinite"]``), so a bad step can never reach a
-    checkpoint; the host then stops or skips it (``config.skip_nonfinite``).
+    A step whose loss, gradients or new BatchNorm statistics are not finite leaves the state
+    unchanged (and is counted in ``state["nonfinite"]``), so a bad batch can never reach a
+    checkpoint; the host then stops or skips it (``config.skip_nonfinite``). A finite update that
+    overflows the parameters (an absurd learning rate) is flagged in ``metrics["params_finite"]``
+    and the host always stops before saving.
     """
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
         logits = model(batch["image"])
         loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
-        return loss, (logits, nnx.state(model, nnx.BatchStat))
+        return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    # Decided before the update, so the select below fuses into the optimizer's one elementwise
+    # pass per parameter. Checking the new parameters first and selecting after needs a second
+    # pass and a live copy of the old state (measured: ~2x the fused kernels, 1-5% of the step
+    # on CPU, and slower than the Flax Linen reference).
+    finite = jnp.isfinite(loss) & all_finite(grads, fused_checks) & all_finite(batch_stats, fused_checks)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    # An update can overflow even when the gradient is finite (a huge learning rate): check the
-    # new parameters and statistics too, so that only finite states are ever kept or saved.
-    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params) & all_finite(batch_stats)
-    new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state, step=state["step"] + 1)
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, dict(state, step=state["step"] + 1))
-    new["nonfinite"] = state["nonfinite"] + (~finite).astype(jnp.int32)
+    old = {k: state[k] for k in ("params", "batch_stats", "opt_state")}
+    new = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new.update(step=state["step"] + 1, nonfinite=state["nonfinite"] + (~finite).astype(jnp.int32))
     metrics = {
         "train/loss": loss,
         "train/top1_acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "train/lr": schedule(state["step"]),
         "finite": finite,
+        "params_finite": all_finite(new["params"], fused_checks),
     }
     return new, metrics
 
@@ -178,6 +196,7 @@ class Trainer:
             schedule=self.schedule,
             num_classes=self.info.num_classes,
             label_smoothing=config.label_smoothing,
+            fused_checks=not config.shard_params,
         )
         self.train_step = jax.jit(
             step,
@@ -193,6 +212,10 @@ class Trainer:
     def _init(self):
         model = build_model(self.config, self.info.num_classes, seed=self.config.seed)
         _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        # Plain nested dicts, not nnx.State: every call of the jitted step flattens the state and
+        # unflattens the new one on the host, 1.5 ms per step for nnx.State against 0.14 ms for
+        # dicts (cifar_resnet56); on a GPU that host time was most of a small net's step.
+        params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
         return {
             "params": params,
             "batch_stats": batch_stats,
@@ -331,16 +354,25 @@ def _train_loop(config, trainer, durations, state, step, ckpt, logbook, preempt,
     def take(entry):
         s, m = entry
         m = jax.device_get(m)
+        if not m.pop("params_finite"):
+            # The old parameters are gone (the step updates them in place): skipping is impossible.
+            ckpt.wait()
+            last = max(ckpt.all_steps(), default=None)
+            kept = f"the last good checkpoint (step {last}) is intact" if last else "no checkpoint was saved yet"
+            raise UserError(
+                f"the update at step {s} overflowed the parameters (finite gradient, non-finite result); {kept}. "
+                "Lower the learning rate"
+            )
         if not m.pop("finite"):
             if not config.skip_nonfinite:
                 ckpt.wait()
                 last = max(ckpt.all_steps(), default=None)
                 kept = f"the last good checkpoint (step {last}) is intact" if last else "no checkpoint was saved yet"
                 raise UserError(
-                    f"non-finite loss, gradient or parameters at step {s}; {kept}. "
+                    f"non-finite loss, gradient or BatchNorm statistics at step {s}; {kept}. "
                     "Lower the learning rate, or pass --config.skip_nonfinite=true to skip such steps"
                 )
-            log.warning("skipped step %d: non-finite loss, gradient or parameters", s)
+            log.warning("skipped step %d: non-finite loss, gradient or BatchNorm statistics", s)
             return  # a skipped step changes nothing; its loss stays out of the averages
         window.append(m)
 
