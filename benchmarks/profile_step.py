@@ -5,20 +5,17 @@
 Times, in one process and interleaved repeat by repeat (alternating the order):
 
 * ``ours``: ``Trainer.train_step`` as a training run uses it;
-* ``ours_no_guard``: the same step without the non-finite guard (``all_finite(grads)`` and the
-  ``jnp.where`` over the whole state);
-* ``ours_linen_bn``: ours with BatchNorm written as Flax Linen writes it (per-channel
-  ``rsqrt(var + eps) * scale`` folded into one multiplier; statistics over (N, H, W) of the 4-D
-  tensor instead of the grouped 5-D reshape);
-* ``ours_no_guard_linen_bn``: both;
-* ``ours_folded_bn`` (and ``ours_no_guard_folded_bn``): ours with only ``scale`` folded into the
-  per-group multiplier, ``(x - mean) * (rsqrt(var + eps) * scale) + bias``, keeping the grouped
-  statistics (the one-line change that works for any ``bn_group_size``);
-* ``ours_no_guard_linen_bn_const_lr`` (``..._plain_jit``): also a constant learning rate (the
+* ``ours_guard_after``: the non-finite guard as it was before: the new parameters checked too,
+  then ``jnp.where`` over the whole state (a second pass and a live copy of the old state);
+* ``ours_no_guard``: the same step without any non-finite guard;
+* ``ours_reshaped_bn``: BatchNorm statistics always through the grouped 5-D reshape
+  ``[groups, g, H, W, C]``, also for global statistics (as it was before);
+* ``ours_no_guard_const_lr`` (``..._plain_jit``): no guard, a constant learning rate (the
   baseline's; ours evaluates the schedule in the step), and also ``jax.jit`` without shardings;
 * ``linen``: the baseline of ``benchmarks/linen_resnet.py``.
 
-The variants only patch ``BatchNorm.__call__`` while tracing (the package files are unchanged).
+The variants only patch ``BatchNorm.__call__`` while tracing, or swap the step function (the
+package files are unchanged).
 For each it also prints what XLA compiled: FLOPs and bytes accessed (``cost_analysis``), temporary
 buffer bytes, and the number of fusions, convolutions and reductions in the optimized HLO.
 """
@@ -43,28 +40,13 @@ from flax import nnx  # noqa: E402
 
 from resnet_jax import bench  # noqa: E402
 from resnet_jax.models import layers  # noqa: E402
-from resnet_jax.train import cross_entropy, train_step  # noqa: E402
+from resnet_jax.train import all_finite, cross_entropy, train_step  # noqa: E402
 
 _ORIGINAL_BN = layers.BatchNorm.__call__
 
 
-def linen_style_bn(self, x):
-    """Flax Linen's formulation (nn.BatchNorm with use_fast_variance) for global statistics."""
-    if self.use_running_average or (self.group_size and self.group_size != x.shape[0]):
-        return _ORIGINAL_BN(self, x)
-    x32 = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))  # N, H, W
-    mean = jnp.mean(x32, axes)
-    var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
-    m = self.momentum
-    self.mean.set_value(m * self.mean[...] + (1 - m) * mean)
-    self.var.set_value(m * self.var[...] + (1 - m) * var)
-    mul = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]  # [C]: scale folded in
-    return ((x32 - mean) * mul + self.bias[...]).astype(self.dtype)
-
-
-def folded_bn(self, x):
-    """Ours (grouped statistics, 5-D reshape) with ``scale`` folded into the per-group multiplier."""
+def reshaped_bn(self, x):
+    """Our BatchNorm with the statistics always taken through the grouped 5-D reshape."""
     if self.use_running_average:
         return _ORIGINAL_BN(self, x)
     x32 = x.astype(jnp.float32)
@@ -91,8 +73,8 @@ def batchnorm(fn):
         layers.BatchNorm.__call__ = _ORIGINAL_BN
 
 
-def train_step_no_guard(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing):
-    """resnet_jax.train.train_step without the non-finite guard."""
+def _sgd_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing):
+    """Forward, backward and optimizer update with no guard: (loss, logits, new state, finite)."""
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
@@ -109,15 +91,33 @@ def train_step_no_guard(state, batch, *, graphdef, tx, schedule, num_classes, la
         "train/top1_acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "train/lr": schedule(state["step"]),
     }
+    return new, metrics, grads
+
+
+def train_step_no_guard(state, batch, **kw):
+    """resnet_jax.train.train_step without the non-finite guard."""
+    new, metrics, _ = _sgd_step(state, batch, **kw)
     return new, metrics
+
+
+def train_step_guard_after(state, batch, **kw):
+    """The guard as it was: new parameters and statistics checked, then a select over the state."""
+    new, metrics, grads = _sgd_step(state, batch, **kw)
+    finite = (
+        jnp.isfinite(metrics["train/loss"])
+        & all_finite(grads)
+        & all_finite(new["params"])
+        & all_finite(new["batch_stats"])
+    )
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, dict(state, step=state["step"] + 1))
+    new["nonfinite"] = state["nonfinite"] + (~finite).astype(jnp.int32)
+    return new, dict(metrics, finite=finite)
 
 
 class Variant:
     """A variant of our step, compiled on the batch and state of ``base`` (a ``bench.OurStep``)."""
 
-    def __init__(
-        self, label: str, base: bench.OurStep, *, guard: bool, bn, const_lr: bool = False, shardings: bool = True
-    ):
+    def __init__(self, label: str, base: bench.OurStep, *, step_fn, bn, const_lr: bool = False, shardings: bool = True):
         self.label = label
         self.bn = bn
         t = base.trainer
@@ -127,7 +127,7 @@ class Variant:
             tx = optax.chain(optax.add_decayed_weights(t.config.weight_decay), optax.sgd(lr, momentum=0.9))
             schedule = optax.constant_schedule(lr)
         fn = functools.partial(
-            train_step if guard else train_step_no_guard,
+            step_fn,
             graphdef=t.graphdef_train,
             tx=tx,
             schedule=schedule,
@@ -201,7 +201,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--half_precision", action="store_true")
-    p.add_argument("--variants", default="ours,ours_no_guard,ours_linen_bn,ours_no_guard_linen_bn,linen")
+    p.add_argument("--variants", default="ours,ours_guard_after,ours_no_guard,ours_reshaped_bn,linen")
     a = p.parse_args(argv)
     args = bench.build_parser().parse_args(
         [f"--model={a.model}", f"--batch_size={a.batch_size}"] + (["--half_precision"] if a.half_precision else [])
@@ -213,15 +213,12 @@ def main(argv=None):
     runners = []
     wanted = a.variants.split(",")
     specs = {
-        "ours": (True, _ORIGINAL_BN),
-        "ours_no_guard": (False, _ORIGINAL_BN),
-        "ours_linen_bn": (True, linen_style_bn),
-        "ours_no_guard_linen_bn": (False, linen_style_bn),
-        "ours_folded_bn": (True, folded_bn),
-        "ours_no_guard_folded_bn": (False, folded_bn),
+        "ours_guard_after": (train_step_guard_after, _ORIGINAL_BN),
+        "ours_no_guard": (train_step_no_guard, _ORIGINAL_BN),
+        "ours_reshaped_bn": (train_step, reshaped_bn),
         # The rest of the Linen baseline's differences: a constant learning rate, jit without shardings.
-        "ours_no_guard_linen_bn_const_lr": (False, linen_style_bn, True, True),
-        "ours_no_guard_linen_bn_const_lr_plain_jit": (False, linen_style_bn, True, False),
+        "ours_no_guard_const_lr": (train_step_no_guard, _ORIGINAL_BN, True, True),
+        "ours_no_guard_const_lr_plain_jit": (train_step_no_guard, _ORIGINAL_BN, True, False),
     }
     for label in wanted:
         if label == "linen":
@@ -229,8 +226,8 @@ def main(argv=None):
         elif label == "ours":
             r = base
         else:
-            guard, bn, *rest = specs[label]
-            r = Variant(label, base, guard=guard, bn=bn, **dict(zip(("const_lr", "shardings"), rest)))
+            step_fn, bn, *rest = specs[label]
+            r = Variant(label, base, step_fn=step_fn, bn=bn, **dict(zip(("const_lr", "shardings"), rest)))
         stats = hlo_stats(r.compiled)
         stats["residual_mib"] = round(residual_bytes(r, base) / 2**20, 1)
         print(label, json.dumps(stats), flush=True)

@@ -5,7 +5,8 @@
         [--compare] [--no_torch] [--remat_compare] [--bn_compare --devices 8]
         [--xla_gpu_flags [FLAGS]] [--xla_flags FLAGS] [--peak_tflops T] [--devices_note [TEXT]]
     python -m resnet_jax.bench --input_pipeline [--cores C]
-    python -m resnet_jax.bench --sweep cpu|gpu|smoke
+    python -m resnet_jax.bench --sweep cpu|smoke      (GPU: benchmarks/gpu_runs.sh)
+    python -m resnet_jax.bench --markdown RESULTS.jsonl...   (tables of saved --json results)
 
 What is timed is ``Trainer(config, info, durations).train_step`` of ``resnet_jax.train`` (the jitted,
 sharded, state-donating step a training run uses), compiled once with ``lower(...).compile()``
@@ -108,23 +109,7 @@ SWEEPS: dict[str, list[list[str]]] = {
         ["--input_pipeline", "--cores=1"],
         ["--input_pipeline"],
     ],
-    "gpu": [
-        ["--model=resnet50", "--batch_size=256", "--half_precision", "--xla_gpu_flags", "--compare", "--steps=20"],
-        ["--model=resnet50", "--batch_size=256", "--xla_gpu_flags", "--steps=20"],
-        ["--model=resnet18", "--batch_size=256", "--half_precision", "--xla_gpu_flags", "--compare", "--steps=20"],
-        [
-            "--model=cifar_resnet56",
-            "--batch_size=128",
-            "--half_precision",
-            "--xla_gpu_flags",
-            "--compare",
-            "--steps=50",
-        ],
-        ["--model=cifar_resnet110", "--batch_size=128", "--half_precision", "--steps=0"],
-        ["--model=cifar_resnet1202", "--batch_size=128", "--half_precision", "--steps=0"],
-        ["--model=resnet50", "--batch_size=256", "--half_precision", "--remat_compare", "--steps=10"],
-        ["--input_pipeline"],
-    ],
+    # The GPU runs are benchmarks/gpu_runs.sh (groups that each fit a 10-minute window).
     # A seconds-long check that every mode works (tiny sizes).
     "smoke": [
         ["--model=cifar_resnet8", "--image_size=16", "--batch_size=8", "--compare", "--steps=2", "--repeats=2"],
@@ -797,22 +782,33 @@ def _ratio(r: dict[str, Any], ref: str) -> str:
     )
 
 
+def _variant(r: dict[str, Any]) -> str:
+    """The XLA flags and non-default options of a run, for the tables."""
+    parts = [f"`{f}`" for f in (r.get("xla_flags") or "").split() if "device_count" not in f]
+    if r.get("bn_group_size"):
+        parts.append(f"bn_group_size={r['bn_group_size']}")
+    if r.get("remat"):
+        parts.append("remat")
+    return ", ".join(parts) or "defaults"
+
+
 def markdown(results: Sequence[dict[str, Any]]) -> str:
     """Markdown tables of benchmark results, one table per kind of measurement."""
     sections = []
     train = [r for r in results if "mode" not in r and r.get("train_img_per_s") and "error" not in r]
     if train:
         rows = [
-            "| model | image | batch | dtype | ours img/s | Linen img/s | ours / Linen (paired; CPU time) "
-            "| torch img/s | ours / torch | eval img/s | compile s (ours / Linen) | peak mem | MFU |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | image | batch | dtype | XLA flags, options | ours img/s | Linen img/s "
+            "| ours / Linen (paired; CPU time) | torch img/s | ours / torch | eval img/s "
+            "| compile s (ours / Linen) | peak mem | MFU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in train:
             lc = r.get("linen_compile_s")
             mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
             rows.append(
                 f"| {r['model']} | {r['image_size']} | {r['batch_size']} | {'bf16' if r['half_precision'] else 'fp32'} "
-                f"| {_fmt(r['train_img_per_s'])} | {_fmt(r.get('linen_train_img_per_s'))} "
+                f"| {_variant(r)} | {_fmt(r['train_img_per_s'])} | {_fmt(r.get('linen_train_img_per_s'))} "
                 f"| {_ratio(r, 'linen')} | {_fmt(r.get('torch_train_img_per_s'))} "
                 f"| {_fmt(r.get('ratio_vs_torch'), 2)} | {_fmt(r.get('eval_img_per_s'))} "
                 f"| {_fmt(r['compile_s'])} / {_fmt(lc)} | {_mib(r.get('peak_mem_bytes'))} "
@@ -953,6 +949,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ip_image_size", type=int, default=224, help="input pipeline: ImageNet crop size")
     p.add_argument("--sweep", choices=sorted(SWEEPS), default=None, help="a predefined list, as markdown tables")
     p.add_argument(
+        "--markdown", nargs="+", default=None, metavar="FILE", help="tables of saved --json results (JSON lines)"
+    )
+    p.add_argument(
         "--xla_gpu_flags",
         nargs="?",
         const=DEFAULT_XLA_GPU_FLAGS,
@@ -992,7 +991,29 @@ def validate(args: argparse.Namespace) -> None:
         raise BenchError(f"--batch_size={args.batch_size} is not divisible by --bn_group_size={args.bn_group_size}")
 
 
+def read_results(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The JSON objects of saved ``--json`` outputs (one per line; other lines are skipped)."""
+    results = []
+    for path in paths:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise BenchError(f"cannot read {path}: {e.strerror}") from None
+        for line in lines:
+            if line.startswith("{"):
+                try:
+                    results.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise BenchError(f"{path}: a line starting with '{{' is not JSON") from None
+    if not results:
+        raise BenchError(f"no JSON results in {' '.join(paths)}")
+    return results
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.markdown:
+        results = read_results(args.markdown)
+        return {"mode": "sweep", "sweep": "files", "results": results, "markdown": markdown(results)}
     args.image_size = args.image_size or default_image_size(args.model)
     args.num_classes = args.num_classes or default_num_classes(args.model)
     if args.repeats is None:

@@ -156,8 +156,27 @@ def test_peak_table_and_markdown():
         mfu=None,
     )
     table = bench.markdown([row, {"error": "exit status 1", "args": ["--model=x"]}])
-    assert "| resnet18 | 112 | 32 | fp32 | 40.0 | 36.0 | 1.11 (n/a; n/a) | n/a |" in table
+    assert "| resnet18 | 112 | 32 | fp32 | defaults | 40.0 | 36.0 | 1.11 (n/a; n/a) | n/a |" in table
     assert "failed: --model=x" in table
+    flagged = dict(row, xla_flags="--xla_gpu_enable_latency_hiding_scheduler=true", bn_group_size=32)
+    assert "| `--xla_gpu_enable_latency_hiding_scheduler=true`, bn_group_size=32 | 40.0 |" in bench.markdown([flagged])
+
+
+def test_markdown_of_saved_results(tmp_path, capsys):
+    """--markdown renders the JSON lines that --json runs left (other lines skipped); a missing
+    or JSON-less file is a one-line error with exit status 2."""
+    row = {"model": "resnet50", "image_size": 224, "batch_size": 256, "half_precision": True}
+    row.update(train_img_per_s=5000.0, compile_s=20.0, peak_mem_bytes=2**33)
+    saved = tmp_path / "speed.jsonl"
+    saved.write_text("a log line\n" + json.dumps(row) + "\n")
+    assert bench.main(["--markdown", str(saved)]) == 0
+    assert "| resnet50 | 224 | 256 | bf16 | defaults | 5,000.0 |" in capsys.readouterr().out
+    for bad in (tmp_path / "missing.jsonl", tmp_path / "empty.jsonl"):
+        if bad.name == "empty.jsonl":
+            bad.write_text("no results here\n")
+        assert bench.main(["--markdown", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
 
 
 def test_saved_residual_bytes():
