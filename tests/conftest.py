@@ -11,6 +11,12 @@ sys.modules.setdefault("triton", None)
 
 
 @pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory) -> str:
+    """A JAX compilation cache for the CLI subprocesses (see tests/cli_env.py)."""
+    return str(tmp_path_factory.getbasetemp() / "jax-cache")
+
+
+@pytest.fixture(scope="module")
 def imagenet_data_dir(tmp_path_factory):
     """A tiny imagenet2012 prepared by TFDS's real builder from fake tars (about 10 s).
 

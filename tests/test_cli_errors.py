@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_env import env_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASE = [
@@ -34,22 +35,6 @@ NO_RETRY_TRAIN = (
     "import tensorflow_datasets.core.download.downloader as d; d.MAX_RETRIES = 0; "
     "from resnet_jax.train import main; main()"
 )
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.getbasetemp() / "jax-cache")
-
-
-def env_for(cache: str, devices: int = 1) -> dict:
-    return dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_COMPILATION_CACHE_DIR=cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
 
 
 def run(cache: str, argv: list[str], devices: int = 1) -> subprocess.CompletedProcess:

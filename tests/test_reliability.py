@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from cli_env import env_for
 
 from resnet_jax.logbook import read_metrics
 
@@ -41,22 +42,6 @@ BASE = [
 TOTAL = 16
 RUN = [*BASE, f"--config.num_steps={TOTAL}", "--config.checkpoint_every_steps=3"]
 TRAIN_KEYS = ("train/loss", "train/top1_acc", "train/lr", "train/nonfinite_steps")
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.getbasetemp() / "jax-cache")
-
-
-def env_for(cache: str, devices: int = 1) -> dict:
-    return dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_COMPILATION_CACHE_DIR=cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
 
 
 def start(cache: str, *args: str, devices: int = 1) -> subprocess.Popen:
