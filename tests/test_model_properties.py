@@ -158,15 +158,15 @@ BAD_VALUES = {
         ),
     ),
     "stride_in": _bad(["", "3X3", "2x2", "1", "3", 3, (1, 1)]),
-    "width": st.one_of(st.integers(max_value=0), _bad([2.0, 0.5, "16", -3.5])),
+    "width": st.one_of(st.integers(max_value=0), _bad([2.0, 0.5, "16", -3.5, True])),
     "dtype": _bad(["float64", "int8", "fp16", "half", "bf16", "float", "", np.int32, jnp.float64]),
     "bn_momentum": st.one_of(
         st.floats(min_value=1.0, allow_infinity=True), st.floats(max_value=-1e-9), _bad([math.nan, "0.9", [0.9]])
     ),
     "bn_epsilon": st.one_of(st.floats(max_value=0.0), _bad([math.nan, "1e-5"])),
-    "bn_group_size": st.one_of(st.integers(max_value=0), _bad([1.5, 2.0, "2"])),
+    "bn_group_size": st.one_of(st.integers(max_value=0), _bad([1.5, 2.0, "2", True])),
     "gate_bias_init": _bad(["-6", "low", [1.0], {"b": 1}]),
-    "scan_blocks": _bad(["yes", "on", "true", "Auto", 2, -1, "scan"]),
+    "scan_blocks": _bad(["yes", "on", "true", "Auto", 2, -1, "scan", 1, 0, 1.0]),
     "remat": _bad(["yes", "True", 1, 0, 1.0]),
     "zero_init_last_bn": _bad(["yes", "False", 1, 0, 0.0]),
 }

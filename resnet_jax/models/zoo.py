@@ -126,7 +126,9 @@ def resolve_options(name: str, **options) -> dict[str, Any]:
         o["stride_in"] == "3x3" or "bottleneck" in block,
         f"stride_in='1x1' needs bottleneck blocks; {name} has basic blocks (use '3x3')",
     )
-    _check(isinstance(o["width"], int) and o["width"] >= 1, f"width={o['width']!r}; must be a positive integer")
+    # bool is an int subclass: width=True would silently build a 1-channel network.
+    w = o["width"]
+    _check(isinstance(w, int) and not isinstance(w, bool) and w >= 1, f"width={w!r}; must be a positive integer")
     _check(
         str(o["dtype"]) in DTYPES or o["dtype"] in DTYPES.values(), f"dtype={o['dtype']!r}; valid: {', '.join(DTYPES)}"
     )
@@ -136,8 +138,13 @@ def resolve_options(name: str, **options) -> dict[str, Any]:
     )
     _check(_is_real(o["bn_epsilon"]) and o["bn_epsilon"] > 0, f"bn_epsilon={o['bn_epsilon']!r}; must be > 0")
     g = o["bn_group_size"]
-    _check(g is None or (isinstance(g, int) and g >= 1), f"bn_group_size={g!r}; must be None or a positive integer")
-    _check(o["scan_blocks"] in ("auto", True, False), f"scan_blocks={o['scan_blocks']!r}; valid: 'auto', True, False")
+    _check(
+        g is None or (isinstance(g, int) and not isinstance(g, bool) and g >= 1),
+        f"bn_group_size={g!r}; must be None or a positive integer",
+    )
+    sb = o["scan_blocks"]
+    # `in ("auto", True, False)` would accept 1 and 0 (1 == True): compare by identity.
+    _check(sb == "auto" or sb is True or sb is False, f"scan_blocks={sb!r}; valid: 'auto', True, False")
     _check(isinstance(o["remat"], bool), f"remat={o['remat']!r}; must be True or False")
     _check(
         isinstance(o["zero_init_last_bn"], bool), f"zero_init_last_bn={o['zero_init_last_bn']!r}; must be True or False"
