@@ -40,7 +40,7 @@ from flax import nnx  # noqa: E402
 
 from resnet_jax import bench  # noqa: E402
 from resnet_jax.models import layers  # noqa: E402
-from resnet_jax.train import all_finite, cross_entropy, train_step  # noqa: E402
+from resnet_jax.train import all_finite, cross_entropy, guard_options, train_step  # noqa: E402
 
 _ORIGINAL_BN = layers.BatchNorm.__call__
 
@@ -80,7 +80,7 @@ def _sgd_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smooth
         model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
         logits = model(batch["image"])
         loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
-        return loss, (logits, nnx.state(model, nnx.BatchStat))
+        return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -103,11 +103,11 @@ def train_step_no_guard(state, batch, **kw):
 def train_step_guard_after(state, batch, **kw):
     """The guard as it was: new parameters and statistics checked, then a select over the state."""
     new, metrics, grads = _sgd_step(state, batch, **kw)
-    finite = (
+    finite = (  # one check per leaf, as it was
         jnp.isfinite(metrics["train/loss"])
-        & all_finite(grads)
-        & all_finite(new["params"])
-        & all_finite(new["batch_stats"])
+        & all_finite(grads, fused=False)
+        & all_finite(new["params"], fused=False)
+        & all_finite(new["batch_stats"], fused=False)
     )
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, dict(state, step=state["step"] + 1))
     new["nonfinite"] = state["nonfinite"] + (~finite).astype(jnp.int32)
@@ -133,6 +133,8 @@ class Variant:
             schedule=schedule,
             num_classes=t.info.num_classes,
             label_smoothing=t.config.label_smoothing,
+            # the Trainer's choice for this backend (see resnet_jax.train.all_finite)
+            **(guard_options(False) if step_fn is train_step else {}),
         )
         if shardings:
             jitted = jax.jit(

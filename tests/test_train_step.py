@@ -12,12 +12,18 @@ import pytest
 from flax import nnx
 
 from resnet_jax.models import create_model
-from resnet_jax.train import all_finite, train_step
+from resnet_jax.train import all_finite, guard_options, train_step
 
 NUM_CLASSES = 10
 
 
-def make_step(tx):
+# The two ways the step can skip a bad update (GPU: select with one fused check; CPU: lax.cond
+# with per-leaf checks); every test runs both.
+GUARDS = [guard_options(False, "gpu"), guard_options(False, "cpu")]
+guards = pytest.mark.parametrize("guard", GUARDS, ids=["select_fused", "cond_per_leaf"])
+
+
+def make_step(tx, guard):
     model = create_model("cifar_resnet8", num_classes=NUM_CLASSES, width=4, rngs=nnx.Rngs(0))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)  # as the Trainer keeps them
@@ -35,6 +41,7 @@ def make_step(tx):
         schedule=optax.constant_schedule(0.1),
         num_classes=NUM_CLASSES,
         label_smoothing=0.0,
+        **guard,
     )
     return jax.jit(step), state
 
@@ -56,8 +63,9 @@ def assert_same(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-def test_a_good_step_updates_everything():
-    step, state = make_step(optax.sgd(0.1, momentum=0.9))
+@guards
+def test_a_good_step_updates_everything(guard):
+    step, state = make_step(optax.sgd(0.1, momentum=0.9), guard)
     before = host(state)
     new, metrics = step(state, batch())
     assert bool(metrics["finite"]) and bool(metrics["params_finite"])
@@ -69,8 +77,9 @@ def test_a_good_step_updates_everything():
         assert any(changed), key
 
 
-def test_a_non_finite_batch_leaves_the_state_unchanged():
-    step, state = make_step(optax.sgd(0.1, momentum=0.9))
+@guards
+def test_a_non_finite_batch_leaves_the_state_unchanged(guard):
+    step, state = make_step(optax.sgd(0.1, momentum=0.9), guard)
     state, _ = step(state, batch())  # a non-zero momentum, so "unchanged" is not trivially zero
     before = host(state)
     new, metrics = step(state, batch(nan=True))
@@ -80,9 +89,10 @@ def test_a_non_finite_batch_leaves_the_state_unchanged():
         assert_same(before[key], host(new[key]))
 
 
-def test_an_overflowing_update_is_flagged():
+@guards
+def test_an_overflowing_update_is_flagged(guard):
     # Each scale alone keeps a gradient finite; both together overflow float32 for any |g| > 4e-38.
-    step, state = make_step(optax.chain(optax.scale(1e38), optax.scale(1e38)))
+    step, state = make_step(optax.chain(optax.scale(1e38), optax.scale(1e38)), guard)
     _, metrics = step(state, batch())
     assert bool(metrics["finite"]) and not bool(metrics["params_finite"])
 
@@ -96,3 +106,15 @@ def test_fused_and_per_leaf_checks_agree(bad):
     fused, per_leaf = bool(all_finite(tree, fused=True)), bool(all_finite(tree, fused=False))
     assert fused == per_leaf == (bad is None)
     assert bool(all_finite({}))
+
+
+def test_both_guards_compute_the_same_step():
+    results = []
+    for guard in GUARDS:
+        step, state = make_step(optax.sgd(0.1, momentum=0.9), guard)
+        for nan in (False, True, False):
+            state, metrics = step(state, batch(nan=nan))
+        results.append(host(state))
+    for x, y in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert int(results[0]["nonfinite"]) == 1
