@@ -40,7 +40,7 @@ from flax import nnx  # noqa: E402
 
 from resnet_jax import bench  # noqa: E402
 from resnet_jax.models import layers  # noqa: E402
-from resnet_jax.train import all_finite, cross_entropy, guard_options, train_step  # noqa: E402
+from resnet_jax.train import all_finite, guard_options, loss_and_grads, train_step  # noqa: E402
 
 _ORIGINAL_BN = layers.BatchNorm.__call__
 
@@ -74,15 +74,10 @@ def batchnorm(fn):
 
 
 def _sgd_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing):
-    """Forward, backward and optimizer update with no guard: (loss, logits, new state, finite)."""
-
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
-        logits = model(batch["image"])
-        loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
-        return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    """Forward, backward and optimizer update with no guard: (new state, metrics, grads)."""
+    loss, logits, batch_stats, grads = loss_and_grads(
+        state, batch, graphdef=graphdef, num_classes=num_classes, label_smoothing=label_smoothing
+    )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state, step=state["step"] + 1)

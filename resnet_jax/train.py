@@ -87,6 +87,19 @@ def all_finite(tree, fused: bool = True) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def loss_and_grads(state, batch, *, graphdef, num_classes, label_smoothing):
+    """The training forward and backward pass: ``(loss, logits, new batch_stats, grads)``."""
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
+        logits = model(batch["image"])
+        loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+        return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    return loss, logits, batch_stats, grads
+
+
 def guard_options(shard_params: bool, backend: str | None = None) -> dict[str, bool]:
     """How ``train_step`` skips a non-finite step on this backend (measured, session 2).
 
@@ -116,13 +129,9 @@ def train_step(
     update's elementwise pass keeps the old values. ``fused_checks``: see ``all_finite``.
     """
 
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
-        logits = model(batch["image"])
-        loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
-        return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    loss, logits, batch_stats, grads = loss_and_grads(
+        state, batch, graphdef=graphdef, num_classes=num_classes, label_smoothing=label_smoothing
+    )
     # Decided before the update, so that skipping costs no second pass over the state. Checking
     # the new parameters first and selecting after needed one, plus a live copy of the old state
     # (measured: ~2x the fused kernels and 1-5% of the step on CPU).
