@@ -125,7 +125,13 @@ def test_two_processes_match_one(single_run, tmp_path):
                     text=True,
                 )
             )
-        outs = [p.communicate(timeout=300) for p in procs]
+        try:
+            outs = [p.communicate(timeout=300) for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            tails = [f"process {i}: {p.communicate()[1][-1500:]}" for i, p in enumerate(procs)]
+            pytest.fail("the 2-process run did not finish in 300 s\n" + "\n".join(tails))
     finally:
         for p in procs:
             if p.poll() is None:
