@@ -2,7 +2,7 @@
 
     python -m resnet_jax.bench --model NAME --batch_size N [--image_size S] [--half_precision]
         [--steps K] [--warmup W] [--repeats R] [--remat] [--bn_group_size G] [--json]
-        [--compare] [--no_torch] [--remat_compare] [--bn_compare --devices 8]
+        [--compare] [--no_torch] [--remat_compare] [--bn_compare --devices 8] [--input_fed]
         [--xla_gpu_flags [FLAGS]] [--xla_flags FLAGS] [--peak_tflops T] [--devices_note [TEXT]]
     python -m resnet_jax.bench --input_pipeline [--cores C]
     python -m resnet_jax.bench --sweep cpu|smoke      (GPU: benchmarks/gpu_runs.sh)
@@ -32,6 +32,9 @@ size over the *median* step time of ``steps x repeats`` steps after ``warmup`` s
   scheduler (the default one keeps more buffers alive, with or without remat).
 * ``--bn_compare``: global (synchronised) BatchNorm vs ``bn_group_size`` statistics, interleaved,
   on ``--devices`` simulated CPU devices (``--xla_force_host_platform_device_count``).
+* ``--input_fed``: also the train step fed by the tf.data training augmentation of generated
+  images (CIFAR-style PNGs or 500x375 JPEGs) through ``resnet_jax.data.prefetch``, as ``train.py``
+  feeds it, against the same step on a batch already on the devices; and that pipeline alone.
 * ``--input_pipeline``: the input pipelines on their own, img/s and img/s per CPU core: digits
   (numpy), CIFAR (generated 32x32 PNGs) and ImageNet (generated 500x375 JPEGs) through the
   tf.data augmentation of ``resnet_jax.data.augment``.
@@ -563,6 +566,10 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
         out.update(eval_img_per_s=median_img_per_s(eval_times, args.batch_size), eval_compile_s=eval_compile_s)
     else:
         out["eval_img_per_s"] = None
+    if args.input_fed:
+        log("timing the input pipeline alone, then the train step fed by it")
+        out.update(time_fed(args, ours))
+        out["fed_vs_synthetic"] = out["fed_img_per_s"] / out["train_img_per_s"]
     return out
 
 
@@ -708,15 +715,55 @@ def _synthetic_photos(n: int, height: int, width: int, seed: int = 0):
         yield np.clip(smooth + grain, 0, 255).astype(np.uint8)
 
 
+def _encoded_images(kind: str, n: int, size: int = 32):
+    """``n`` encoded images as TFDS stores them: ``"cifar"``, random ``size``-pixel PNGs;
+    ``"imagenet"``, JPEGs (quality 90) of ImageNet's typical 500x375."""
+    import numpy as np
+    import tensorflow as tf
+
+    if kind == "cifar":
+        rng = np.random.default_rng(0)
+        return np.array([tf.io.encode_png(x).numpy() for x in rng.integers(0, 256, (n, size, size, 3), np.uint8)])
+    return np.array([tf.io.encode_jpeg(x, quality=90).numpy() for x in _synthetic_photos(n, 375, 500)])
+
+
+def _augmented_batches(encoded, preprocess: Callable, batch_size: int, num_classes: int | None = None):
+    """A tf.data pipeline of the training augmentation over ``encoded``, repeated, built as
+    ``resnet_jax.data``'s train pipeline is (parallel deterministic map, per-example seeds from the
+    stream position, batch, prefetch). Yields images, or ``{"image", "label"}`` batches when
+    ``num_classes`` is given."""
+    import tensorflow as tf
+
+    n = len(encoded)
+    labels = tf.constant([i % (num_classes or 1) for i in range(n)], tf.int32)
+    ds = tf.data.Dataset.zip(
+        (tf.data.Dataset.range(2**62), tf.data.Dataset.from_tensor_slices((encoded, labels)).repeat())
+    )
+
+    def example(pos, record):
+        image = preprocess(record[0], tf.stack([tf.constant(1234, tf.int64), pos]))
+        return image if num_classes is None else {"image": image, "label": record[1]}
+
+    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _train_preprocess(kind: str, image_size: int) -> Callable:
+    """The training augmentation of ``resnet_jax.data.augment`` for CIFAR- or ImageNet-style images."""
+    from resnet_jax.data import augment
+
+    if kind == "cifar":
+        return lambda img, seed: augment.cifar_train(img, seed, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+    return lambda img, seed: augment.imagenet_train(img, seed, image_size)
+
+
 def run_input_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     """img/s of the three input pipelines, and per CPU core (the cores this process may use)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     import numpy as np
-    import tensorflow as tf
 
     from resnet_jax import data
     from resnet_jax.config import get_base_config
-    from resnet_jax.data import augment
 
     cores = cpu_cores()
     out: dict[str, Any] = {"mode": "input_pipeline", "cpu_cores": cores, "batch_size": args.ip_batch_size}
@@ -728,34 +775,61 @@ def run_input_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     it = data.train_batches(cfg, global_batch_size=b, seed=0, process_index=0, process_count=1)
     out["digits_img_per_s"] = _time_batches(it, 100 * nb, b)  # microseconds per batch: time more
 
-    def tf_pipeline(encoded: np.ndarray, preprocess: Callable) -> float:
-        ds = tf.data.Dataset.zip((tf.data.Dataset.range(2**62), tf.data.Dataset.from_tensor_slices(encoded).repeat()))
-        ds = ds.map(
-            lambda pos, img: preprocess(img, tf.stack([tf.constant(1234, tf.int64), pos])),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        ds = ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    def tf_pipeline(kind: str) -> float:
+        encoded = _encoded_images(kind, args.ip_images)
+        if kind == "imagenet":
+            out["imagenet_jpeg_bytes_mean"] = float(np.mean([len(j) for j in encoded]))
+        ds = _augmented_batches(encoded, _train_preprocess(kind, args.ip_image_size), b)
         return _time_batches(ds.as_numpy_iterator(), nb, b)
 
     # CIFAR: 32x32 PNGs (as TFDS stores CIFAR) through augment.cifar_train.
-    rng = np.random.default_rng(0)
-    pngs = np.array([tf.io.encode_png(x).numpy() for x in rng.integers(0, 256, (args.ip_images, 32, 32, 3), np.uint8)])
-    out["cifar_img_per_s"] = tf_pipeline(
-        pngs, lambda img, seed: augment.cifar_train(img, seed, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
-    )
-
+    out["cifar_img_per_s"] = tf_pipeline("cifar")
     # ImageNet: JPEGs of the typical 500x375 through augment.imagenet_train (decode+crop, resize, flip).
-    photos = _synthetic_photos(args.ip_images, 375, 500)
-    jpegs = np.array([tf.io.encode_jpeg(x, quality=90).numpy() for x in photos])
-    out["imagenet_jpeg_bytes_mean"] = float(np.mean([len(j) for j in jpegs]))
-    out["imagenet_img_per_s"] = tf_pipeline(
-        jpegs, lambda img, seed: augment.imagenet_train(img, seed, args.ip_image_size)
-    )
+    out["imagenet_img_per_s"] = tf_pipeline("imagenet")
     out["imagenet_image_size"] = args.ip_image_size
     for name in ("digits", "cifar", "imagenet"):
         out[f"{name}_img_per_s_per_core"] = out[f"{name}_img_per_s"] / cores
     return out
+
+
+def time_fed(args: argparse.Namespace, ours: OurStep) -> dict[str, Any]:
+    """The train step fed by the host input pipeline, as a training run feeds it.
+
+    Generated CIFAR-style PNGs (CIFAR nets) or 500x375 JPEGs (ImageNet nets) go through the
+    training augmentation on tf.data's threads and ``resnet_jax.data.prefetch`` (the background
+    host-to-device copy of ``train.py``) into the compiled step. Not blocked per step, as in
+    training: ``steps x repeats`` steps after ``warmup``, then one wait. Also times the same
+    pipeline alone, in this process, for the ceiling it sets.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import jax
+
+    from resnet_jax import data
+
+    kind = "cifar" if args.model.startswith("cifar") else "imagenet"
+    encoded = _encoded_images(kind, args.ip_images, args.image_size)
+    preprocess = _train_preprocess(kind, args.image_size)
+    b = args.batch_size
+    alone = _augmented_batches(encoded, preprocess, b, args.num_classes).as_numpy_iterator()
+    pipeline = _time_batches(alone, args.steps * args.repeats, b, warmup=args.warmup)
+    del alone
+    source = _augmented_batches(encoded, preprocess, b, args.num_classes).as_numpy_iterator()
+    batches = data.prefetch(source, ours.trainer.batch_sharding)
+    state, metrics = ours.state, None
+    try:
+        for _ in range(max(args.warmup, 1)):
+            state, metrics = ours.compiled(state, next(batches))
+        jax.block_until_ready((state, metrics))
+        n = args.steps * args.repeats
+        t = time.perf_counter()
+        for _ in range(n):
+            state, metrics = ours.compiled(state, next(batches))
+        jax.block_until_ready((state, metrics))
+        fed = n * b / (time.perf_counter() - t)
+    finally:
+        batches.close()
+    ours.state = state
+    return {"fed_input": f"{kind}-style generated images", "pipeline_img_per_s": pipeline, "fed_img_per_s": fed}
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -872,6 +946,20 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
                     f"| {what} | {r['cpu_cores']} | {_fmt(r[name + '_img_per_s'])} | {_fmt(r[name + '_img_per_s_per_core'])} |"
                 )
         sections.append("\n".join(rows))
+    fed = [r for r in results if r.get("fed_img_per_s")]
+    if fed:
+        rows = [
+            "| model | image | batch | dtype | CPU cores | train img/s (batch on device) | input pipeline alone img/s "
+            "| train img/s fed by the pipeline | fed / on device |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in fed:
+            rows.append(
+                f"| {r['model']} | {r['image_size']} | {r['batch_size']} | {'bf16' if r['half_precision'] else 'fp32'} "
+                f"| {r['cpu_cores']} | {_fmt(r['train_img_per_s'])} | {_fmt(r['pipeline_img_per_s'])} "
+                f"| {_fmt(r['fed_img_per_s'])} | {r['fed_vs_synthetic']:.2f} |"
+            )
+        sections.append("\n".join(rows))
     errors = [r for r in results if "error" in r]
     if errors:
         sections.append("\n".join(f"- failed: {' '.join(r['args'])}: {r['error']}" for r in errors))
@@ -894,6 +982,9 @@ def summary_lines(r: dict[str, Any]) -> str:
         ("grouped_train_img_per_s", "grouped-BN train img/s"),
         ("grouped_vs_global", "grouped / global BN"),
         ("remat_train_img_per_s", "remat train img/s"),
+        ("pipeline_img_per_s", "input pipeline alone img/s"),
+        ("fed_img_per_s", "train img/s fed by the input pipeline"),
+        ("fed_vs_synthetic", "fed / synthetic on device"),
     ):
         if key in r:
             lines.append(f"  {label}: {_fmt(r[key], 2)}")
@@ -942,6 +1033,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn_compare", action="store_true", help="global BN vs --bn_group_size (default batch/devices)")
     p.add_argument("--devices", type=int, default=None, help="simulated CPU devices (sets XLA_FLAGS)")
     p.add_argument("--input_pipeline", action="store_true", help="input pipelines alone, img/s per core")
+    p.add_argument(
+        "--input_fed",
+        action="store_true",
+        help="also time the train step fed by the tf.data pipeline (generated images)",
+    )
     p.add_argument("--cores", type=int, default=None, help="pin to this many CPU cores")
     p.add_argument("--ip_images", type=int, default=256, help="input pipeline: distinct generated images")
     p.add_argument("--ip_batches", type=int, default=20, help="input pipeline: timed batches")
@@ -981,6 +1077,10 @@ def validate(args: argparse.Namespace) -> None:
         raise BenchError("--compare and --bn_compare time steps: use --steps >= 1")
     if args.input_pipeline or args.sweep:
         return
+    if args.input_fed and (args.steps == 0 or args.remat_compare or args.bn_compare):
+        raise BenchError("--input_fed times steps of the default mode: use --steps >= 1, without the *_compare modes")
+    if args.input_fed and args.model.startswith("cifar") and args.image_size != 32:
+        raise BenchError("--input_fed feeds the 32x32 CIFAR augmentation to CIFAR nets: use --image_size=32")
     from resnet_jax.models import resolve_options
 
     try:
