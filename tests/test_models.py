@@ -20,7 +20,7 @@ from flax import nnx
 
 from resnet_jax.models import create_model, list_models, resolve_options
 from resnet_jax.models.blocks import BlockOptions, Bottleneck, PreActBasicBlock, PreActBottleneck
-from resnet_jax.models.layers import BatchNorm, Shortcut, subsample_and_pad
+from resnet_jax.models.layers import BatchNorm, Shortcut, space_to_depth_conv, subsample_and_pad
 
 # Per-compilation XLA options for the many small train steps: they about halve CPU compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
@@ -229,6 +229,46 @@ def test_scanned_stage_equals_unrolled_blocks(name):
     eval_s = compiled(block_outputs, scanned, x)(scanned, x)
     _assert_trees_close(eval_u, eval_s, "eval-mode (logits, block parts)")
     assert not np.allclose(eval_u[0], train_u[0], atol=1e-3), "eval mode should use the running statistics"
+
+
+@pytest.mark.parametrize("k,c,size", [(7, 3, 32), (7, 2, 10), (3, 4, 8)])
+def test_space_to_depth_conv_is_the_strided_conv(k, c, size):
+    """space_to_depth_conv computes the stride-2 convolution padded k//2 (also for non-square
+    images), as a 2x2 space-to-depth and a stride-1 convolution of the regrouped kernel."""
+    rng = np.random.default_rng(k + c)
+    x = jnp.asarray(rng.normal(size=(2, size, size + 2, c)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(k, k, c, 5)), jnp.float32)
+    want = jax.lax.conv_general_dilated(
+        x, kernel, (2, 2), [(k // 2, k // 2)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    got = space_to_depth_conv(x, kernel)
+    assert got.shape == want.shape == (2, size // 2, size // 2 + 1, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_space_to_depth_stem_is_the_same_network():
+    """model.space_to_depth_stem changes how the stem is computed, not what: same parameter tree,
+    same logits and BatchNorm statistics for the same weights, gradients included; odd image sizes
+    fall back to the direct convolution."""
+    direct = tiny("resnet18")
+    s2d = tiny("resnet18", space_to_depth_stem=True)
+    assert jax.tree.map(jnp.shape, nnx.state(direct)) == jax.tree.map(jnp.shape, nnx.state(s2d))
+    nnx.update(s2d, nnx.state(direct))
+
+    def loss(model, x):
+        return jnp.sum(model(x) ** 2)
+
+    for size in (32, 33):
+        x = images(size, seed=size)
+        out_d, grads_d = nnx.value_and_grad(loss)(direct, x)
+        out_s, grads_s = nnx.value_and_grad(loss)(s2d, x)
+        np.testing.assert_allclose(out_s, out_d, rtol=1e-4)
+        _assert_trees_close(nnx.to_pure_dict(grads_s), nnx.to_pure_dict(grads_d), f"gradients at {size}px", 1e-4)
+        _assert_trees_close(
+            nnx.to_pure_dict(nnx.state(s2d, nnx.BatchStat)),
+            nnx.to_pure_dict(nnx.state(direct, nnx.BatchStat)),
+            f"BatchNorm statistics at {size}px",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,6 +746,8 @@ BAD = [
     ("resnet18", dict(scan_blocks="yes"), r"scan_blocks='yes'; valid: 'auto', True, False"),
     ("resnet18", dict(remat="yes"), r"remat='yes'"),
     ("resnet18", dict(zero_init_last_bn=1), r"zero_init_last_bn=1"),
+    ("resnet18", dict(space_to_depth_stem=1), r"space_to_depth_stem=1; must be True or False"),
+    ("cifar_resnet20", dict(space_to_depth_stem=True), r"space_to_depth_stem applies to the ImageNet stem"),
     ("resnet18", dict(depth=18), r"unknown model option\(s\) \['depth'\]; valid: .*bn_group_size"),
 ]
 

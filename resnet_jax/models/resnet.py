@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resnet_jax.models.blocks import BLOCKS, BlockOptions
-from resnet_jax.models.layers import conv
+from resnet_jax.models.layers import conv, space_to_depth_conv
 
 
 class Stage(nnx.Module):
@@ -98,8 +98,10 @@ class ResNet(nnx.Module):
         scan: bool,
         remat: bool,
         rngs: nnx.Rngs,
+        space_to_depth_stem: bool = False,
     ):
         self.stem = stem
+        self.space_to_depth_stem = space_to_depth_stem
         self.dtype = opts.dtype
         if stem == "imagenet":
             self.conv1 = conv(3, width, 7, 2, dtype=opts.dtype, rngs=rngs)
@@ -119,7 +121,11 @@ class ResNet(nnx.Module):
         self.num_features = in_ch
 
     def stem_forward(self, x: jax.Array) -> jax.Array:
-        x = self.conv1(x.astype(self.dtype))
+        x = x.astype(self.dtype)
+        if self.space_to_depth_stem and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+            x = space_to_depth_conv(x, self.conv1.kernel[...].astype(self.dtype))
+        else:
+            x = self.conv1(x)
         if self.bn1 is not None:
             x = nnx.relu(self.bn1(x))
         if self.stem == "imagenet":

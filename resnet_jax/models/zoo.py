@@ -61,6 +61,7 @@ DEFAULT_OPTIONS: dict[str, Any] = dict(
     gate_bias_init=-6.0,
     scan_blocks="auto",
     remat=False,
+    space_to_depth_stem=False,
 )
 
 
@@ -146,6 +147,12 @@ def resolve_options(name: str, **options) -> dict[str, Any]:
     # `in ("auto", True, False)` would accept 1 and 0 (1 == True): compare by identity.
     _check(sb == "auto" or sb is True or sb is False, f"scan_blocks={sb!r}; valid: 'auto', True, False")
     _check(isinstance(o["remat"], bool), f"remat={o['remat']!r}; must be True or False")
+    s2d = o["space_to_depth_stem"]
+    _check(isinstance(s2d, bool), f"space_to_depth_stem={s2d!r}; must be True or False")
+    _check(
+        not s2d or spec["stem"] == "imagenet",
+        f"space_to_depth_stem applies to the ImageNet stem (7x7, stride 2); {name} has a CIFAR stem",
+    )
     _check(
         isinstance(o["zero_init_last_bn"], bool), f"zero_init_last_bn={o['zero_init_last_bn']!r}; must be True or False"
     )
@@ -167,7 +174,9 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> R
         ``stride_in`` ('3x3' | '1x1'), ``zero_init_last_bn``, ``width`` (base channels), ``dtype``
         (compute dtype; parameters stay float32), ``bn_momentum``, ``bn_epsilon``,
         ``bn_group_size`` (images per BN statistics group in training; None = whole batch),
-        ``gate_bias_init`` (gating kinds), ``scan_blocks`` ('auto' | True | False), ``remat``.
+        ``gate_bias_init`` (gating kinds), ``scan_blocks`` ('auto' | True | False), ``remat``,
+        ``space_to_depth_stem`` (the ImageNet stem's convolution computed in a layout faster on
+        GPUs; the same function and parameters; images of even size).
         ``None`` means the default.
 
     Returns:
@@ -205,6 +214,7 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> R
         scan=scan,
         remat=o["remat"],
         rngs=rngs,
+        space_to_depth_stem=o["space_to_depth_stem"],
     )
     model.train()
     return model
