@@ -15,13 +15,11 @@ Times, in one process and interleaved repeat by repeat (alternating the order):
   ``[groups, g, H, W, C]``, also for global statistics (as it was before);
 * ``ours_no_guard_const_lr`` (``..._plain_jit``): no guard, a constant learning rate (the
   baseline's; ours evaluates the schedule in the step), and also ``jax.jit`` without shardings;
-* ``ours_s2d_stem``: the ImageNet stem's 7x7 stride-2 convolution computed as a space-to-depth
-  (2x2 pixels -> 12 channels) and a 4x4 stride-1 convolution of the same kernel, zero-padded to
-  8x8: the same function and parameters, a layout friendlier to tensor cores (MLPerf's trick);
 * ``linen``: the baseline of ``benchmarks/linen_resnet.py``.
 
-The variants only patch ``BatchNorm.__call__`` or ``ResNet.stem_forward`` while tracing, or swap
-the step function (the package files are unchanged).
+The variants only patch ``BatchNorm.__call__`` while tracing, or swap the step function (the
+package files are unchanged). Model options (``model.space_to_depth_stem``, ``remat``...) are
+compared with ``python -m resnet_jax.bench`` instead.
 For each it also prints what XLA compiled: FLOPs and bytes accessed (``cost_analysis``), temporary
 buffer bytes, and the number of fusions, convolutions and reductions in the optimized HLO.
 """
@@ -45,49 +43,11 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from resnet_jax import bench  # noqa: E402
-from resnet_jax.models import layers, resnet  # noqa: E402
+from resnet_jax.data import model_input  # noqa: E402
+from resnet_jax.models import layers  # noqa: E402
 from resnet_jax.train import all_finite, guard_options, loss_and_grads, train_step  # noqa: E402
 
 _ORIGINAL_BN = layers.BatchNorm.__call__
-_ORIGINAL_STEM = resnet.ResNet.stem_forward
-
-
-def space_to_depth_conv(x, kernel):
-    """``conv(x, kernel)`` for a 7x7 (any odd k) stride-2 kernel padded k//2, as a 2x2
-    space-to-depth of the padded input and a stride-1 VALID convolution with ceil(k/2) taps."""
-    n, h, w, c = x.shape
-    k, o = kernel.shape[0], kernel.shape[-1]
-    if h % 2 or w % 2:
-        raise ValueError("space-to-depth needs an even image size")
-    pad = k // 2
-    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    hp, wp = h + 2 * pad, w + 2 * pad
-    # Under the Trainer's explicit batch sharding a reshape must name its output sharding.
-    sharding = jax.typeof(x).sharding
-    lead = sharding.spec[0] if len(sharding.spec) else None
-
-    def reshape(a, shape):
-        if lead is None:
-            return a.reshape(shape)
-        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(lead))
-        return jax.lax.reshape(a, shape, out_sharding=out)
-
-    x = reshape(x, (n, hp // 2, 2, wp // 2, 2, c)).transpose(0, 1, 3, 2, 4, 5)
-    x = reshape(x, (n, hp // 2, wp // 2, 4 * c))
-    taps = (k + 1) // 2
-    kernel = jnp.pad(kernel, ((0, 2 * taps - k), (0, 2 * taps - k), (0, 0), (0, 0)))
-    kernel = kernel.reshape(taps, 2, taps, 2, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(taps, taps, 4 * c, o)
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def s2d_stem_forward(self, x):
-    """``ResNet.stem_forward`` with the ImageNet stem convolution through ``space_to_depth_conv``."""
-    if self.stem != "imagenet":
-        return _ORIGINAL_STEM(self, x)
-    x = x.astype(self.dtype)
-    x = space_to_depth_conv(x, self.conv1.kernel[...].astype(self.dtype))
-    x = nnx.relu(self.bn1(x))
-    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 def reshaped_bn(self, x):
@@ -110,20 +70,18 @@ def reshaped_bn(self, x):
 
 
 @contextlib.contextmanager
-def batchnorm(fn, stem=_ORIGINAL_STEM):
+def batchnorm(fn):
     layers.BatchNorm.__call__ = fn
-    resnet.ResNet.stem_forward = stem
     try:
         yield
     finally:
         layers.BatchNorm.__call__ = _ORIGINAL_BN
-        resnet.ResNet.stem_forward = _ORIGINAL_STEM
 
 
-def _sgd_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing):
+def _sgd_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing, pixels):
     """Forward, backward and optimizer update with no guard: (new state, metrics, grads)."""
     loss, logits, batch_stats, grads = loss_and_grads(
-        state, batch, graphdef=graphdef, num_classes=num_classes, label_smoothing=label_smoothing
+        state, batch, graphdef=graphdef, num_classes=num_classes, label_smoothing=label_smoothing, pixels=pixels
     )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -159,19 +117,9 @@ def train_step_guard_after(state, batch, **kw):
 class Variant:
     """A variant of our step, compiled on the batch and state of ``base`` (a ``bench.OurStep``)."""
 
-    def __init__(
-        self,
-        label: str,
-        base: bench.OurStep,
-        *,
-        step_fn,
-        bn,
-        stem=_ORIGINAL_STEM,
-        const_lr: bool = False,
-        shardings: bool = True,
-    ):
+    def __init__(self, label: str, base: bench.OurStep, *, step_fn, bn, const_lr: bool = False, shardings: bool = True):
         self.label = label
-        self.bn, self.stem = bn, stem
+        self.bn = bn
         t = base.trainer
         tx, schedule = t.tx, t.schedule
         if const_lr:  # the Linen baseline's optimizer: no schedule evaluated inside the step
@@ -185,6 +133,7 @@ class Variant:
             schedule=schedule,
             num_classes=t.info.num_classes,
             label_smoothing=t.config.label_smoothing,
+            pixels=t.info.pixels,
             # the Trainer's choice for this backend (see resnet_jax.train.all_finite)
             **(guard_options(False) if step_fn is train_step else {}),
         )
@@ -199,7 +148,7 @@ class Variant:
             jitted = jax.jit(fn, donate_argnums=0)
         self.state = t.init_state()
         self.batch = base.batch
-        with batchnorm(bn, stem):
+        with batchnorm(bn):
             self.compiled = jitted.lower(self.state, self.batch).compile()
 
     def step(self):
@@ -225,7 +174,7 @@ def hlo_stats(compiled) -> dict:
 
 def residual_bytes(runner, base: bench.OurStep) -> int:
     """Bytes autodiff keeps for the backward pass of the model's loss (see bench.saved_residual_bytes)."""
-    image = base.batch["image"]
+    image = model_input(base.batch["image"], base.trainer.info.pixels)
     if isinstance(runner, bench.LinenStep):
         state = runner.state
 
@@ -242,7 +191,7 @@ def residual_bytes(runner, base: bench.OurStep) -> int:
         model = nnx.merge(t.graphdef_train, params, runner.state["batch_stats"], copy=True)
         return model(image).sum()
 
-    with batchnorm(getattr(runner, "bn", _ORIGINAL_BN), getattr(runner, "stem", _ORIGINAL_STEM)):
+    with batchnorm(getattr(runner, "bn", _ORIGINAL_BN)):
         return bench.saved_residual_bytes(loss, runner.state["params"])
 
 
@@ -272,7 +221,6 @@ def main(argv=None):
         "ours_reshaped_bn": (train_step, reshaped_bn),
         "ours_cond_guard": (functools.partial(train_step, fused_checks=False, skip_by_cond=True), _ORIGINAL_BN),
         "ours_select_guard": (functools.partial(train_step, fused_checks=True, skip_by_cond=False), _ORIGINAL_BN),
-        "ours_s2d_stem": (train_step, _ORIGINAL_BN),
         # The rest of the Linen baseline's differences: a constant learning rate, jit without shardings.
         "ours_no_guard_const_lr": (train_step_no_guard, _ORIGINAL_BN, True, True),
         "ours_no_guard_const_lr_plain_jit": (train_step_no_guard, _ORIGINAL_BN, True, False),
@@ -284,8 +232,7 @@ def main(argv=None):
             r = base
         else:
             step_fn, bn, *rest = specs[label]
-            stem = s2d_stem_forward if label == "ours_s2d_stem" else _ORIGINAL_STEM
-            r = Variant(label, base, step_fn=step_fn, bn=bn, stem=stem, **dict(zip(("const_lr", "shardings"), rest)))
+            r = Variant(label, base, step_fn=step_fn, bn=bn, **dict(zip(("const_lr", "shardings"), rest)))
         stats = hlo_stats(r.compiled)
         stats["residual_mib"] = round(residual_bytes(r, base) / 2**20, 1)
         print(label, json.dumps(stats), flush=True)

@@ -1,7 +1,7 @@
 """Benchmarks of the real train step: throughput, compile time, memory, MFU, and side-by-side references.
 
     python -m resnet_jax.bench --model NAME --batch_size N [--image_size S] [--half_precision]
-        [--steps K] [--warmup W] [--repeats R] [--remat] [--bn_group_size G] [--json]
+        [--steps K] [--warmup W] [--repeats R] [--remat] [--bn_group_size G] [--s2d_stem] [--json]
         [--compare] [--no_torch] [--remat_compare] [--bn_compare --devices 8] [--input_fed]
         [--xla_gpu_flags [FLAGS]] [--xla_flags FLAGS] [--peak_tflops T] [--devices_note [TEXT]]
     python -m resnet_jax.bench --input_pipeline [--cores C]
@@ -223,6 +223,7 @@ def bench_config(args: argparse.Namespace, *, remat: bool | None = None, bn_grou
     c.model.remat = args.remat if remat is None else remat
     c.model.bn_group_size = args.bn_group_size if bn_group_size == "args" else bn_group_size
     c.model.scan_blocks = args.scan_blocks
+    c.model.space_to_depth_stem = args.s2d_stem
     c.dataset.name = "synthetic"
     c.dataset.image_size = args.image_size
     c.dataset.num_classes = args.num_classes
@@ -313,11 +314,14 @@ def residual_bytes(ours: OurStep) -> int:
     changes at the JAX level, before XLA schedules and assigns the buffers."""
     from flax import nnx
 
+    from resnet_jax import data
+
     t = ours.trainer
+    images = data.model_input(ours.batch["image"], t.info.pixels)
 
     def loss(params):
         model = nnx.merge(t.graphdef_train, params, ours.state["batch_stats"], copy=True)
-        return model(ours.batch["image"]).sum()
+        return model(images).sum()
 
     return saved_residual_bytes(loss, ours.state["params"])
 
@@ -367,6 +371,8 @@ class LinenStep:
         import jax
         import jax.numpy as jnp
 
+        from resnet_jax import data
+
         linen = load_benchmark_module("linen_resnet")
         if linen is None:
             raise BenchError(f"{BENCHMARKS / 'linen_resnet.py'} not found")
@@ -375,7 +381,9 @@ class LinenStep:
         state = linen.create_train_state(self.model, args.image_size, seed=args.seed)
         self.params = linen.count_params({"params": state.params})
         self.state = jax.device_put(state, ours.trainer.replicated)
-        self.batch = {"image": ours.batch["image"], "label": ours.batch["label"]}
+        # Float images, normalised beforehand: the Flax ImageNet example normalises on the host.
+        images = jax.jit(data.model_input, static_argnums=1)(ours.batch["image"], ours.trainer.info.pixels)
+        self.batch = {"image": images, "label": ours.batch["label"]}
         t0 = time.perf_counter()
         self.compiled = linen.make_train_step(args.num_classes).lower(self.state, self.batch).compile()
         self.compile_s = time.perf_counter() - t0
@@ -471,6 +479,7 @@ def base_result(args: argparse.Namespace) -> dict[str, Any]:
         "remat": args.remat,
         "bn_group_size": args.bn_group_size,
         "scan_blocks": args.scan_blocks,
+        "space_to_depth_stem": args.s2d_stem,
         "device": describe_devices(),
         "devices": jax.device_count(),
         "cpu_cores": cpu_cores(),
@@ -622,6 +631,8 @@ def passthrough_args(args: argparse.Namespace) -> list[str]:
         out.append("--half_precision")
     if args.bn_group_size:
         out.append(f"--bn_group_size={args.bn_group_size}")
+    if args.s2d_stem:
+        out.append("--s2d_stem")
     if args.xla_gpu_flags:
         out.append(f"--xla_gpu_flags={args.xla_gpu_flags}")
     if args.xla_flags:
@@ -753,7 +764,7 @@ def _train_preprocess(kind: str, image_size: int) -> Callable:
     from resnet_jax.data import augment
 
     if kind == "cifar":
-        return lambda img, seed: augment.cifar_train(img, seed, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+        return augment.cifar_train
     return lambda img, seed: augment.imagenet_train(img, seed, image_size)
 
 
@@ -863,6 +874,8 @@ def _variant(r: dict[str, Any]) -> str:
         parts.append(f"bn_group_size={r['bn_group_size']}")
     if r.get("remat"):
         parts.append("remat")
+    if r.get("space_to_depth_stem"):
+        parts.append("space_to_depth_stem")
     return ", ".join(parts) or "defaults"
 
 
@@ -1024,6 +1037,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", action="store_true", help="model.remat: per-block rematerialisation")
     p.add_argument("--bn_group_size", type=int, default=None, help="images per BN statistics group")
     p.add_argument("--scan_blocks", default="auto", choices=("auto", "true", "false"), help="model.scan_blocks")
+    p.add_argument("--s2d_stem", action="store_true", help="model.space_to_depth_stem (ImageNet nets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="end the output with one JSON line")
     p.add_argument("--compare", action="store_true", help="also time the Linen baseline and torch, interleaved")
@@ -1084,7 +1098,9 @@ def validate(args: argparse.Namespace) -> None:
     from resnet_jax.models import resolve_options
 
     try:
-        resolve_options(args.model, remat=args.remat, bn_group_size=args.bn_group_size)
+        resolve_options(
+            args.model, remat=args.remat, bn_group_size=args.bn_group_size, space_to_depth_stem=args.s2d_stem
+        )
     except ValueError as e:
         raise BenchError(str(e).strip().splitlines()[0]) from None
     if args.bn_group_size and args.batch_size % args.bn_group_size:

@@ -87,12 +87,16 @@ def all_finite(tree, fused: bool = True) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def loss_and_grads(state, batch, *, graphdef, num_classes, label_smoothing):
-    """The training forward and backward pass: ``(loss, logits, new batch_stats, grads)``."""
+def loss_and_grads(state, batch, *, graphdef, num_classes, label_smoothing, pixels=None):
+    """The training forward and backward pass: ``(loss, logits, new batch_stats, grads)``.
+
+    ``pixels``: the dataset's ``DatasetInfo.pixels``, with which uint8 images are normalised here
+    (``data.model_input``)."""
+    images = data.model_input(batch["image"], pixels)
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
-        logits = model(batch["image"])
+        logits = model(images)
         loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
         return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
@@ -114,7 +118,17 @@ def guard_options(shard_params: bool, backend: str | None = None) -> dict[str, b
 
 
 def train_step(
-    state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing, fused_checks=True, skip_by_cond=False
+    state,
+    batch,
+    *,
+    graphdef,
+    tx,
+    schedule,
+    num_classes,
+    label_smoothing,
+    pixels=None,
+    fused_checks=True,
+    skip_by_cond=False,
 ):
     """One SGD step. Pure: ``(state, batch) -> (state, metrics)``.
 
@@ -130,7 +144,7 @@ def train_step(
     """
 
     loss, logits, batch_stats, grads = loss_and_grads(
-        state, batch, graphdef=graphdef, num_classes=num_classes, label_smoothing=label_smoothing
+        state, batch, graphdef=graphdef, num_classes=num_classes, label_smoothing=label_smoothing, pixels=pixels
     )
     # Decided before the update, so that skipping costs no second pass over the state. Checking
     # the new parameters first and selecting after needed one, plus a live copy of the old state
@@ -164,11 +178,11 @@ def train_step(
     return new, metrics
 
 
-def eval_step(state, batch, *, graphdef, num_classes):
+def eval_step(state, batch, *, graphdef, num_classes, pixels=None):
     """Sums of loss and top-1/top-5 hits over the unmasked examples. Multi-crop images
     ``[N, crops, H, W, C]`` are scored by averaging the crops' softmax (paper 1's 10-crop test)."""
     model = nnx.merge(graphdef, state["params"], state["batch_stats"], copy=True)
-    images = batch["image"]
+    images = data.model_input(batch["image"], pixels)
     if images.ndim == 5:
         n, c = images.shape[:2]
         probs = jax.nn.softmax(model(images.reshape((n * c,) + images.shape[2:]))).reshape(n, c, -1).mean(1)
@@ -237,6 +251,7 @@ class Trainer:
             schedule=self.schedule,
             num_classes=self.info.num_classes,
             label_smoothing=config.label_smoothing,
+            pixels=self.info.pixels,
             **guard_options(config.shard_params),
         )
         self.train_step = jax.jit(
@@ -245,7 +260,9 @@ class Trainer:
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=0,
         )
-        ev = functools.partial(eval_step, graphdef=self.graphdef_eval, num_classes=self.info.num_classes)
+        ev = functools.partial(
+            eval_step, graphdef=self.graphdef_eval, num_classes=self.info.num_classes, pixels=self.info.pixels
+        )
         self.eval_step = jax.jit(
             ev, in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=self.replicated
         )

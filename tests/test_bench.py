@@ -58,6 +58,36 @@ def test_cli_json_line():
     assert bench.DEFAULT_XLA_GPU_FLAGS in out["xla_flags"]
 
 
+def test_fed_by_the_input_pipeline_with_a_space_to_depth_stem():
+    """--input_fed: the same compiled step fed uint8 batches by the ImageNet-style tf.data pipeline
+    (generated JPEGs) through prefetch; --s2d_stem under the Trainer's batch sharding over 2 devices."""
+    p = run_bench(
+        "--model=resnet18",
+        "--image_size=32",
+        "--batch_size=4",
+        "--devices=2",
+        "--steps=2",
+        "--warmup=1",
+        "--s2d_stem",
+        "--input_fed",
+        "--ip_images=6",
+        "--no_eval",
+        "--json",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["space_to_depth_stem"] is True and out["devices"] == 2
+    assert out["fed_input"].startswith("imagenet")
+    for key in ("train_img_per_s", "pipeline_img_per_s", "fed_img_per_s", "fed_vs_synthetic"):
+        assert out[key] > 0, key
+    assert "space_to_depth_stem" in bench.markdown([out]) and "fed by the pipeline" in bench.markdown([out])
+
+
+def test_input_fed_needs_cifar_size():
+    p = run_bench("--model=cifar_resnet8", "--image_size=16", "--input_fed", timeout=120)
+    assert p.returncode == 2 and "--image_size=32" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_bad_model_name_is_one_line():
     p = run_bench("--model=resnet19", "--json", timeout=120)
     assert p.returncode == 2

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax import data
 from resnet_jax.config import get_base_config
 from resnet_jax.data import digits
+from resnet_jax.data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from resnet_jax.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,9 +168,9 @@ def test_bad_config_raises_user_error():
 def test_synthetic_batches():
     cfg = dataset_cfg(name="synthetic", image_size=16, num_classes=7, num_examples=50)
     info = data.get_info(cfg)
-    assert info == data.DatasetInfo("synthetic", 7, (16, 16, 3), 50, 50)
+    assert info == data.DatasetInfo("synthetic", 7, (16, 16, 3), 50, 50, (0.5,) * 3, (0.25,) * 3)
     single = next(data.train_batches(cfg, global_batch_size=8, seed=0, start_step=2, process_index=0, process_count=1))
-    assert single["image"].shape == (8, 16, 16, 3) and single["image"].dtype == np.float32
+    assert single["image"].shape == (8, 16, 16, 3) and single["image"].dtype == np.uint8
     assert single["label"].dtype == np.int32 and single["label"].max() < 7
     hosts = [
         next(data.train_batches(cfg, global_batch_size=8, seed=0, start_step=2, process_index=p, process_count=2))
@@ -183,6 +184,25 @@ def test_synthetic_batches():
     batch = data.synthetic_global_batch(cfg, 8, sharding, seed=0)
     assert batch["image"].shape == (8, 16, 16, 3) and batch["label"].shape == (8,)
     assert batch["image"].sharding == sharding and batch["label"].dtype == np.int32
+    assert batch["image"].dtype == np.uint8
+    # What the model sees: about [-2, 2], like normalised pixels.
+    x = np.asarray(data.model_input(batch["image"], info.pixels))
+    assert x.dtype == np.float32 and -2.01 < x.min() < -1.5 and 1.5 < x.max() < 2.01
+
+
+def test_model_input_normalises_uint8_pixels_only():
+    """uint8 pixels become (x / 255 - mean) / std per channel, on the host and inside jit alike;
+    float images pass through untouched; uint8 without statistics is an error, not raw pixels."""
+    pixels = ((0.5, 0.25, 0.0), (0.5, 0.25, 1.0))
+    images = np.array([[[[0, 0, 0], [255, 64, 51]]]], np.uint8)  # [1, 1, 2, 3]
+    want = (images / 255.0 - np.array(pixels[0])) / np.array(pixels[1])
+    np.testing.assert_allclose(data.model_input(images, pixels), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(data.model_input, static_argnums=1)(images, pixels), want, rtol=1e-6, atol=1e-6)
+    floats = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
+    assert data.model_input(floats, pixels) is floats
+    assert data.model_input(floats, None) is floats
+    with pytest.raises(ValueError, match="pixel mean and std"):
+        data.model_input(images, None)
 
 
 # ------------------------------------------------------------------------------- to_global/prefetch
@@ -258,14 +278,16 @@ def test_cifar10_under_mock_data(tmp_path):
         # The mock knows no split sizes (the wheel ships no metadata): get_info falls back to the
         # real ones, while every split/slice yields `num_mock` random examples.
         info = data.get_info(cfg)
-        assert info == data.DatasetInfo("cifar10", 10, (32, 32, 3), 50_000, 10_000)
+        assert info == data.DatasetInfo("cifar10", 10, (32, 32, 3), 50_000, 10_000, CIFAR10_MEAN, CIFAR10_STD)
 
         batches = take(data.train_batches(cfg, global_batch_size=8, seed=0), 4)  # wraps the 20-example epoch
         batch = batches[0]
-        assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+        assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].dtype == np.int32 and batch["label"].max() < 10
-        # Normalised: mock pixels are uniform 0..255 (plus black padding), so about zero mean, unit scale.
-        assert abs(batch["image"].mean()) < 0.5 and 0.7 < batch["image"].std() < 1.6
+        # Normalised on the device: mock pixels are uniform 0..255 (plus black padding), so about
+        # zero mean, unit scale.
+        x = data.model_input(batch["image"], info.pixels)
+        assert abs(x.mean()) < 0.5 and 0.7 < x.std() < 1.6
         resumed = take(data.train_batches(cfg, global_batch_size=8, seed=0, start_step=2), 2)
         assert_batches_equal(batches[2:], resumed)
         other_seed = next(data.train_batches(cfg, global_batch_size=8, seed=1))
@@ -278,7 +300,7 @@ def test_cifar10_under_mock_data(tmp_path):
         assert evals[-1]["mask"].sum() == 0
 
         held_out = dataset_cfg(name="cifar10", data_dir=str(tmp_path), validation_split=True)
-        assert data.get_info(held_out) == data.DatasetInfo("cifar10", 10, (32, 32, 3), 45_000, 5_000)
+        assert data.get_info(held_out).num_train == 45_000 and data.get_info(held_out).num_eval == 5_000
         assert len(list(data.eval_batches(held_out, global_batch_size=2000))) == 3  # ceil(5_000 / 2000)
 
         assert data.get_info(dataset_cfg(name="cifar100", data_dir=str(tmp_path))).num_classes == 100
@@ -309,13 +331,14 @@ def imagenet_cfg(data_dir, manual_dir, **overrides):
 def test_imagenet_train_and_eval(imagenet_data_dir):
     data_dir, manual_dir = imagenet_data_dir
     cfg = imagenet_cfg(data_dir, manual_dir)
-    assert data.get_info(cfg) == data.DatasetInfo("imagenet2012", 1000, (64, 64, 3), 6, 4)
+    info = data.get_info(cfg)
+    assert info == data.DatasetInfo("imagenet2012", 1000, (64, 64, 3), 6, 4, IMAGENET_MEAN, IMAGENET_STD)
 
     batches = take(data.train_batches(cfg, global_batch_size=4, seed=0), 3)
     batch = batches[0]
-    assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and set(batch["label"]) <= {0, 1}  # the first two synsets
-    assert np.isfinite(batch["image"]).all() and abs(batch["image"].mean()) < 1.5
+    assert abs(data.model_input(batch["image"], info.pixels).mean()) < 1.5
     assert_batches_equal(batches[1:], take(data.train_batches(cfg, global_batch_size=4, seed=0, start_step=1), 2))
     host = next(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=1, process_count=2))
     assert host["image"].shape == (2, 64, 64, 3)
@@ -327,8 +350,9 @@ def test_imagenet_train_and_eval(imagenet_data_dir):
     ten_crop_cfg = imagenet_cfg(data_dir, manual_dir, eval_crops=10)
     ten = list(data.eval_batches(ten_crop_cfg, global_batch_size=3))
     assert [b["image"].shape for b in ten] == [(3, 10, 64, 64, 3)] * 2
-    np.testing.assert_allclose(ten[0]["image"][:, 4], one[0]["image"], atol=1e-5)  # view 4: the centre crop
-    np.testing.assert_allclose(ten[0]["image"][:, 9], one[0]["image"][:, :, ::-1], atol=1e-5)  # its flip
+    assert ten[0]["image"].dtype == one[0]["image"].dtype == np.uint8
+    np.testing.assert_array_equal(ten[0]["image"][:, 4], one[0]["image"])  # view 4: the centre crop
+    np.testing.assert_array_equal(ten[0]["image"][:, 9], one[0]["image"][:, :, ::-1])  # its flip
     np.testing.assert_array_equal(ten[0]["label"], one[0]["label"])
 
 

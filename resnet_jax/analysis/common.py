@@ -248,7 +248,8 @@ def eval_images(dataset_cfg, num_images: int, batch_size: int = 256):
     """The first ``num_images`` images of the eval split (fewer if the split is smaller).
 
     Returns:
-      ``(images [N, H, W, C] float32, labels [N] int32)`` numpy arrays.
+      ``(images [N, H, W, C] float32, labels [N] int32)`` numpy arrays; the images normalised as
+      the model takes them (``data.model_input``).
     """
     import numpy as np
 
@@ -257,9 +258,8 @@ def eval_images(dataset_cfg, num_images: int, batch_size: int = 256):
     if num_images < 1:
         raise UserError(f"--num_images={num_images}; must be positive")
     images, labels, have = [], [], 0
-    batches = data.eval_batches(
-        single_crop(dataset_cfg), global_batch_size=batch_size, process_index=0, process_count=1
-    )
+    dataset_cfg = single_crop(dataset_cfg)
+    batches = data.eval_batches(dataset_cfg, global_batch_size=batch_size, process_index=0, process_count=1)
     for batch in batches:
         keep = batch["mask"] > 0  # padding rows repeat example 0; they are not data
         images.append(batch["image"][keep])
@@ -269,11 +269,13 @@ def eval_images(dataset_cfg, num_images: int, batch_size: int = 256):
             break
     if not have:
         raise UserError("the eval split is empty")
-    return np.concatenate(images)[:num_images], np.concatenate(labels)[:num_images]
+    images = data.model_input(np.concatenate(images)[:num_images], data.get_info(dataset_cfg).pixels)
+    return images, np.concatenate(labels)[:num_images]
 
 
 def train_batch(dataset_cfg, batch_size: int, *, seed: int, step: int = 0) -> dict:
-    """The training batch of global step ``step`` of a run with ``seed`` (augmented as in training)."""
+    """The training batch of global step ``step`` of a run with ``seed`` (augmented as in training),
+    its images normalised as the model takes them (``data.model_input``)."""
     from resnet_jax import data
 
     if batch_size < 1:
@@ -281,7 +283,8 @@ def train_batch(dataset_cfg, batch_size: int, *, seed: int, step: int = 0) -> di
     it = data.train_batches(
         dataset_cfg, global_batch_size=batch_size, seed=seed, start_step=step, process_index=0, process_count=1
     )
-    return next(it)
+    batch = next(it)
+    return dict(batch, image=data.model_input(batch["image"], data.get_info(dataset_cfg).pixels))
 
 
 def init_model(name: str, num_classes: int, *, seed: int = 0, **options):

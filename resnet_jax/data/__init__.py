@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from resnet_jax.data.base import DATASET_NAMES, DatasetInfo, dataset_name, resolve_processes
+from resnet_jax.data.base import DATASET_NAMES, DatasetInfo, dataset_name, model_input, resolve_processes
 from resnet_jax.data.device import prefetch, to_global
 from resnet_jax.data.synthetic import synthetic_global_batch
 
@@ -39,6 +39,7 @@ __all__ = [
     "DatasetInfo",
     "eval_batches",
     "get_info",
+    "model_input",
     "prefetch",
     "synthetic_global_batch",
     "to_global",
@@ -106,7 +107,9 @@ def train_batches(
         process_count: Number of hosts; defaults to ``jax.process_count()``.
 
     Returns:
-        An iterator of ``{'image': float32 [B/P, H, W, C], 'label': int32 [B/P]}`` numpy batches.
+        An iterator of ``{'image': [B/P, H, W, C], 'label': int32 [B/P]}`` numpy batches. Images
+        are uint8 pixels (TFDS datasets, synthetic) or float32 already normalised (digits); feed
+        them to a model through ``model_input(images, info.pixels)``, as the train step does.
         Setup (and any UserError) happens in this call, before the first batch is requested.
     """
     process_index, process_count = resolve_processes(process_index, process_count)
@@ -139,7 +142,8 @@ def eval_batches(
         An iterator of ``{'image', 'label', 'mask'}`` numpy batches of ``B/P`` rows; ``mask`` is
         float32, 0 on padding rows. Over all hosts each eval example has mask 1 exactly once (the
         masks sum to ``num_eval``), and every host yields the same number of batches.
-        ``image`` is [B/P, H, W, C], or [B/P, 10, H, W, C] for ImageNet with ``eval_crops=10``.
+        ``image`` is [B/P, H, W, C], or [B/P, 10, H, W, C] for ImageNet with ``eval_crops=10``,
+        of the dtype ``train_batches`` yields.
     """
     process_index, process_count = resolve_processes(process_index, process_count)
     return _module(dataset_cfg).eval_batches(

@@ -4,6 +4,9 @@ Every random choice uses a stateless op with an explicit per-example seed (shape
 example's augmentation is a pure function of (run seed, host, position in the host's stream):
 resuming at step k reproduces exactly the batches of an uninterrupted run.
 
+Every recipe returns uint8 pixels; the train and eval steps normalise them on the device with
+the statistics below (``resnet_jax.data.model_input``).
+
 Importing this module imports TensorFlow; only ``tfds_datasets`` does.
 """
 
@@ -29,10 +32,9 @@ CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 EVAL_RESIZE_RATIO = 256.0 / 224.0
 
 
-def normalize(image: tf.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> tf.Tensor:
-    """Maps 0..255 pixels (any dtype) to float32 ``(x / 255 - mean) / std`` per channel."""
-    image = tf.cast(image, tf.float32)
-    return (image - tf.constant(mean, tf.float32) * 255.0) / (tf.constant(std, tf.float32) * 255.0)
+def to_pixels(image: tf.Tensor) -> tf.Tensor:
+    """Rounds a resized float image back to uint8 pixels (as PIL's resize does for torchvision)."""
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 def _decode(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -40,34 +42,31 @@ def _decode(image_bytes: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
 
 
-def cifar_train(image_bytes: tf.Tensor, seed: tf.Tensor, mean, std) -> tf.Tensor:
+def cifar_train(image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """Paper 1's CIFAR augmentation: 4-pixel zero padding, a random 32x32 crop, a random flip.
 
-    The padding is black (0) in pixel space, as in torchvision's ``RandomCrop(32, padding=4)``,
-    and normalisation comes last.
+    The padding is black (0) in pixel space, as in torchvision's ``RandomCrop(32, padding=4)``
+    (normalisation comes after, on the device).
 
     Args:
         image_bytes: Encoded image (PNG as TFDS stores CIFAR).
         seed: int64 [2] per-example seed.
-        mean: Per-channel mean on the 0..1 scale.
-        std: Per-channel standard deviation on the 0..1 scale.
 
     Returns:
-        float32 [32, 32, 3].
+        uint8 [32, 32, 3].
     """
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     image = _decode(image_bytes)
     image = tf.pad(image, [[CIFAR_PAD, CIFAR_PAD], [CIFAR_PAD, CIFAR_PAD], [0, 0]])  # [40, 40, 3]
     image = tf.image.stateless_random_crop(image, [CIFAR_SIZE, CIFAR_SIZE, 3], seed=crop_seed)
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return normalize(image, mean, std)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
-def cifar_eval(image_bytes: tf.Tensor, mean, std) -> tf.Tensor:
-    """CIFAR test view: the original image, normalised. float32 [32, 32, 3]."""
+def cifar_eval(image_bytes: tf.Tensor) -> tf.Tensor:
+    """CIFAR test view: the original image. uint8 [32, 32, 3]."""
     image = _decode(image_bytes)
     image.set_shape([CIFAR_SIZE, CIFAR_SIZE, 3])
-    return normalize(image, mean, std)
+    return image
 
 
 def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
@@ -90,7 +89,7 @@ def imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Ten
         size: Output side.
 
     Returns:
-        float32 [size, size, 3], normalised with the ImageNet mean/std.
+        uint8 [size, size, 3].
     """
     box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     shape = tf.image.extract_jpeg_shape(image_bytes)  # [H, W, C]
@@ -120,7 +119,7 @@ def imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Ten
     image = _resize(image, size, size)
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     image.set_shape([size, size, 3])
-    return normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+    return to_pixels(image)
 
 
 def _resize_shorter_side(image: tf.Tensor, shorter: int) -> tf.Tensor:
@@ -143,7 +142,7 @@ def imagenet_eval(image_bytes: tf.Tensor, size: int, crops: int = 1) -> tf.Tenso
             centre, and their horizontal flips.
 
     Returns:
-        float32 [size, size, 3] for 1 crop, [10, size, size, 3] for 10 crops, normalised.
+        uint8 [size, size, 3] for 1 crop, [10, size, size, 3] for 10 crops.
     """
     image = _decode(image_bytes)
     image = _resize_shorter_side(image, int(round(size * EVAL_RESIZE_RATIO)))
@@ -153,7 +152,7 @@ def imagenet_eval(image_bytes: tf.Tensor, size: int, crops: int = 1) -> tf.Tenso
     center = tf.image.crop_to_bounding_box(image, top, left, size, size)
     if crops == 1:
         center.set_shape([size, size, 3])
-        return normalize(center, IMAGENET_MEAN, IMAGENET_STD)
+        return to_pixels(center)
     if crops != 10:
         raise ValueError(f"crops must be 1 or 10, got {crops}")
     views = [
@@ -166,4 +165,4 @@ def imagenet_eval(image_bytes: tf.Tensor, size: int, crops: int = 1) -> tf.Tenso
     views = tf.stack(views)  # [5, size, size, 3]
     views = tf.concat([views, tf.reverse(views, axis=[2])], axis=0)  # [10, size, size, 3]: + flips
     views.set_shape([10, size, size, 3])
-    return normalize(views, IMAGENET_MEAN, IMAGENET_STD)
+    return to_pixels(views)

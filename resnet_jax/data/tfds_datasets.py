@@ -79,7 +79,16 @@ _SPECS = {
     "cifar100": _Spec(
         100, "train", "test", {"train": 50_000, "test": 10_000}, 32, None, augment.CIFAR100_MEAN, augment.CIFAR100_STD
     ),
-    "imagenet2012": _Spec(1000, "train", "validation", {"train": 1_281_167, "validation": 50_000}, 224, 10_000),
+    "imagenet2012": _Spec(
+        1000,
+        "train",
+        "validation",
+        {"train": 1_281_167, "validation": 50_000},
+        224,
+        10_000,
+        augment.IMAGENET_MEAN,
+        augment.IMAGENET_STD,
+    ),
 }
 
 
@@ -210,6 +219,8 @@ def get_info(dataset_cfg: Any) -> base.DatasetInfo:
         image_shape=(size, size, 3),
         num_train=train.size,
         num_eval=evaluation.size,
+        pixel_mean=_spec(name).mean,
+        pixel_std=_spec(name).std,
     )
 
 
@@ -276,7 +287,7 @@ def train_batches(
 
         def preprocess(position, image_bytes, label):
             example_seed = tf.stack([augment_seed, position])
-            return {"image": augment.cifar_train(image_bytes, example_seed, spec.mean, spec.std), "label": label}
+            return {"image": augment.cifar_train(image_bytes, example_seed), "label": label}
 
     ds = tf.data.Dataset.zip((positions, stream)).map(
         lambda position, record: preprocess(position, *record),
@@ -292,7 +303,6 @@ def eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """See ``resnet_jax.data.eval_batches``."""
     name = base.dataset_name(dataset_cfg)
-    spec = _spec(name)
     builder, _, evaluation, size, crops = _layout(dataset_cfg)
     b = base.host_batch_size(global_batch_size, process_count)
     share = evaluation.host_share(process_index, process_count)
@@ -309,11 +319,11 @@ def eval_batches(
         image_shape = [size, size, 3]
 
         def preprocess(image_bytes, label):
-            image = augment.cifar_eval(image_bytes, spec.mean, spec.std)
+            image = augment.cifar_eval(image_bytes)
             return {"image": image, "label": label, "mask": tf.constant(1.0)}
 
     padding = tf.data.Dataset.from_tensors(
-        {"image": tf.zeros(image_shape, tf.float32), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
+        {"image": tf.zeros(image_shape, tf.uint8), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
     ).repeat()
     ds = _raw_records(builder, share).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.concatenate(padding).take(num_batches * b)
