@@ -26,6 +26,7 @@ case $group in
   speed)  # ours (default XLA GPU flags) vs the Linen baseline vs torch eager, interleaved
     runs=(
       "${r50[*]} --xla_gpu_flags --compare --steps=20 --repeats=3"
+      "${r50[*]} --s2d_stem --xla_gpu_flags --compare --no_torch --steps=20 --repeats=3 --no_eval"
       "--model=cifar_resnet56 --batch_size=128 --half_precision --xla_gpu_flags --compare --steps=50 --repeats=3 --no_eval"
     ) ;;
   flags)  # one change at a time from plain XLA defaults, ours only
