@@ -245,6 +245,41 @@ def test_to_global_and_prefetch():
         next(source)
 
 
+def test_exit_waits_for_the_prefetcher_to_close_its_source(tmp_path):
+    """A process that exits right after closing a prefetcher still lets the producer thread finish
+    closing its source (a slow tf.data iterator's close, here a sleep): the exit hook waits for it.
+    Killing a thread inside TensorFlow's C++ at exit aborts the process (seen on a GPU machine)."""
+    done = tmp_path / "closed"
+    code = textwrap.dedent(
+        f"""
+        import time
+        import jax
+        import numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from resnet_jax import data
+
+        def source():
+            try:
+                while True:
+                    yield {{"image": np.zeros((2, 4), np.float32)}}
+            finally:
+                time.sleep(1.0)  # a slow close
+                open({str(done)!r}, "w").write("ok")
+
+        sharding = NamedSharding(jax.make_mesh((1,), ("data",)), P("data"))
+        batches = data.prefetch(source(), sharding)
+        next(batches)
+        batches.close()
+        """
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert done.exists(), "the process exited before the producer thread closed its source"
+
+
 def test_importing_data_and_digits_does_not_import_tensorflow():
     code = textwrap.dedent(
         """

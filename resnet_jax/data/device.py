@@ -112,12 +112,15 @@ def prefetch(iterator: Iterable[dict[str, Any]], sharding: jax.sharding.Sharding
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, which re-raises it
             put(_Failure(error))
         finally:
-            _RUNNING.discard(entry)
             try:
                 # In this thread, where the source runs: releases its tf.data iterator now.
                 getattr(source, "close", lambda: None)()
             except Exception:  # noqa: BLE001 - best effort; the batches are no longer wanted
                 pass
+            # Only now: until the source is closed, the exit hook must wait for this thread. A
+            # thread still inside TensorFlow's C++ when the interpreter finalises is killed by a
+            # forced unwind that TF does not rethrow: "FATAL: exception not rethrown", abort.
+            _RUNNING.discard(entry)
 
     thread = threading.Thread(target=produce, name="resnet_jax-prefetch", daemon=True)
     entry = (stop, thread)
