@@ -716,6 +716,32 @@ def test_preact_projection_reads_the_preactivated_input():
     np.testing.assert_allclose(out, x + parts["residual"], rtol=1e-6, atol=1e-6)
 
 
+def test_preact_after_an_imagenet_stem_does_not_normalise_twice():
+    """The paper's code ("no_preact"): after an ImageNet stem's conv-BN-ReLU-max-pool, the first
+    pre-activation block starts with its convolution (no bn1) and its projection shortcut reads the
+    stem output; every other block, and the first block after a CIFAR stem's bare conv, does
+    BN-ReLU first."""
+    for name in ("preact_resnet18", "preact_resnet50"):
+        model = abstract(name)
+        assert model.bn1 is not None and model.stages[0].blocks[0].bn1 is None, name
+        assert all(b.bn1 is not None for b in model.stages[0].blocks[1:]), name
+        assert all(stage.blocks[0].bn1 is not None for stage in model.stages[1:]), name
+        assert not any(
+            "bn1" in str(path) for path in flat(model) if path[:3] == ("stages", 0, "blocks") and path[3] == 0
+        )
+    cifar = abstract("cifar_preact_resnet11")
+    assert cifar.bn1 is None and cifar.stages[0].blocks[0].bn1 is not None
+
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    block = PreActBottleneck(4, 2, 1, _block_options(), rngs=nnx.Rngs(0), preactivate=False)
+    block.eval()
+    out, parts = block.forward(x)
+    r = block.conv3(jax.nn.relu(block.bn3(block.conv2(jax.nn.relu(block.bn2(block.conv1(x)))))))
+    np.testing.assert_allclose(parts["residual"], r, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(parts["shortcut"], block.shortcut.bn(block.shortcut.conv(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, parts["shortcut"] + r, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. Validation.
 

@@ -125,20 +125,30 @@ def _preact_shortcut_input(shortcut: Shortcut, x: jax.Array, a: jax.Array) -> ja
     return a if shortcut.project else x
 
 
+def _preactivate(bn: BatchNorm | None, x: jax.Array) -> jax.Array:
+    return x if bn is None else nnx.relu(bn(x))
+
+
 class PreActBasicBlock(Block):
-    """Full pre-activation (paper 2): BN -> ReLU -> conv, twice; nothing after the addition."""
+    """Full pre-activation (paper 2): BN -> ReLU -> conv, twice; nothing after the addition.
+
+    ``preactivate=False`` (no ``bn1``): the input is already normalised and rectified, as the first
+    block after an ImageNet stem's conv-BN-ReLU-max-pool is in the paper's code ("no_preact").
+    """
 
     expansion = 1
 
-    def __init__(self, in_ch: int, planes: int, stride: int, opts: BlockOptions, *, rngs: nnx.Rngs):
-        self.bn1 = opts.norm(in_ch)
+    def __init__(
+        self, in_ch: int, planes: int, stride: int, opts: BlockOptions, *, rngs: nnx.Rngs, preactivate: bool = True
+    ):
+        self.bn1 = opts.norm(in_ch) if preactivate else None
         self.conv1 = conv(in_ch, planes, 3, stride, dtype=opts.dtype, rngs=rngs)
         self.bn2 = opts.norm(planes)
         self.conv2 = conv(planes, planes, 3, dtype=opts.dtype, rngs=rngs)
         self.shortcut = opts.make_shortcut(in_ch, planes, stride, rngs)
 
     def forward(self, x):
-        a = nnx.relu(self.bn1(x))
+        a = _preactivate(self.bn1, x)
         r = self.conv1(a)
         r = self.conv2(nnx.relu(self.bn2(r)))
         s = self.shortcut.identity(_preact_shortcut_input(self.shortcut, x, a))
@@ -146,14 +156,17 @@ class PreActBasicBlock(Block):
 
 
 class PreActBottleneck(Block):
-    """Full pre-activation bottleneck (paper 2's ResNet-164/1001 and pre-act ResNet-200)."""
+    """Full pre-activation bottleneck (paper 2's ResNet-164/1001 and pre-act ResNet-200).
+    ``preactivate``: see ``PreActBasicBlock``."""
 
     expansion = 4
 
-    def __init__(self, in_ch: int, planes: int, stride: int, opts: BlockOptions, *, rngs: nnx.Rngs):
+    def __init__(
+        self, in_ch: int, planes: int, stride: int, opts: BlockOptions, *, rngs: nnx.Rngs, preactivate: bool = True
+    ):
         out_ch = planes * self.expansion
         s1, s3 = (1, stride) if opts.stride_in == "3x3" else (stride, 1)
-        self.bn1 = opts.norm(in_ch)
+        self.bn1 = opts.norm(in_ch) if preactivate else None
         self.conv1 = conv(in_ch, planes, 1, s1, dtype=opts.dtype, rngs=rngs)
         self.bn2 = opts.norm(planes)
         self.conv2 = conv(planes, planes, 3, s3, dtype=opts.dtype, rngs=rngs)
@@ -162,7 +175,7 @@ class PreActBottleneck(Block):
         self.shortcut = opts.make_shortcut(in_ch, out_ch, stride, rngs)
 
     def forward(self, x):
-        a = nnx.relu(self.bn1(x))
+        a = _preactivate(self.bn1, x)
         r = self.conv1(a)
         r = self.conv2(nnx.relu(self.bn2(r)))
         r = self.conv3(nnx.relu(self.bn3(r)))

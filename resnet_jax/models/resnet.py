@@ -32,10 +32,12 @@ class Stage(nnx.Module):
         scan: bool,
         remat: bool,
         rngs: nnx.Rngs,
+        preactivate_first: bool = True,
     ):
         cls = BLOCKS[block]
         out_ch = planes * cls.expansion
-        first = cls(in_ch, planes, stride, opts, rngs=rngs)
+        # Only pre-activation blocks know the flag (see ResNet: the first block after an ImageNet stem).
+        first = cls(in_ch, planes, stride, opts, rngs=rngs, **({} if preactivate_first else {"preactivate": False}))
         self.remat = remat
         if scan and num_blocks > 1:
             self.blocks = nnx.List([first])
@@ -110,8 +112,23 @@ class ResNet(nnx.Module):
         # A pre-activation CIFAR net's first block normalises the stem output itself.
         self.bn1 = opts.norm(width) if stem != "cifar_preact" else None
         stages, in_ch = [], width
+        # Pre-activation after an ImageNet stem (conv-BN-ReLU-max-pool): the first block does not
+        # normalise and rectify again, as in the paper's code (fb.resnet.torch preresnet.lua,
+        # "no_preact"). A CIFAR pre-act stem is a bare conv, so its first block does.
+        stem_preactivated = stem == "imagenet" and block.startswith("preact")
         for i, n in enumerate(stage_sizes):
-            stage = Stage(block, in_ch, width * 2**i, n, 1 if i == 0 else 2, opts, scan=scan, remat=remat, rngs=rngs)
+            stage = Stage(
+                block,
+                in_ch,
+                width * 2**i,
+                n,
+                1 if i == 0 else 2,
+                opts,
+                scan=scan,
+                remat=remat,
+                rngs=rngs,
+                preactivate_first=not (i == 0 and stem_preactivated),
+            )
             stages.append(stage)
             in_ch = stage.out_ch
         self.stages = nnx.List(stages)
