@@ -391,6 +391,27 @@ def test_imagenet_train_and_eval(imagenet_data_dir):
     np.testing.assert_array_equal(ten[0]["label"], one[0]["label"])
 
 
+def test_imagenet_train_antialias_option(imagenet_data_dir):
+    """train_antialias=False resizes the same crops (same seed) without the antialiasing filter:
+    different pixels, the same picture; a non-boolean value is a one-line error."""
+    data_dir, manual_dir = imagenet_data_dir
+
+    def batch(**option):
+        # 16x16 outputs: the crops of the 80x60-120x90 test images are shrunk, where antialiasing acts.
+        cfg = dataset_cfg(name="imagenet2012", data_dir=data_dir, manual_dir=manual_dir, image_size=16).to_dict()
+        # A plain ConfigDict: the base config's typed field would refuse a string before we see it.
+        cfg = ml_collections.ConfigDict({**cfg, **option})
+        return next(data.train_batches(cfg, global_batch_size=4, seed=0))
+
+    smooth, plain = batch(), batch(train_antialias=False)
+    np.testing.assert_array_equal(plain["label"], smooth["label"])
+    a, b = smooth["image"].astype(np.float32), plain["image"].astype(np.float32)
+    assert plain["image"].dtype == np.uint8 and not np.array_equal(a, b)
+    assert np.abs(a.mean(axis=(1, 2, 3)) - b.mean(axis=(1, 2, 3))).max() < 8.0  # same crops, same flips
+    with pytest.raises(UserError, match="train_antialias='no'; use true or false"):
+        batch(train_antialias="no")
+
+
 @pytest.mark.parametrize("process_count, global_batch_size", [(2, 2), (3, 3)])
 def test_imagenet_eval_over_processes(imagenet_data_dir, process_count, global_batch_size):
     cfg = imagenet_cfg(*imagenet_data_dir)

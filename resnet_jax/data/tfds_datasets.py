@@ -279,10 +279,13 @@ def train_batches(
     positions = tf.data.Dataset.range(start, _STREAM_END)
 
     if name == "imagenet2012":
+        antialias = base.cfg_get(dataset_cfg, "train_antialias", True)
+        if not isinstance(antialias, bool):
+            raise UserError(f"config.dataset.train_antialias={antialias!r}; use true or false")
 
         def preprocess(position, image_bytes, label):
             example_seed = tf.stack([augment_seed, position])
-            return {"image": augment.imagenet_train(image_bytes, example_seed, size), "label": label}
+            return {"image": augment.imagenet_train(image_bytes, example_seed, size, antialias), "label": label}
     else:
 
         def preprocess(position, image_bytes, label):
