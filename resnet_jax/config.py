@@ -28,7 +28,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.scan_blocks = "auto"  # auto | true | false
     c.model.remat = False
     # The ImageNet stem's 7x7 stride-2 convolution as space-to-depth + 4x4 stride-1: the same
-    # function and parameters, +3-4% ResNet-50 train step on an H100 (benchmarks/RESULTS.md).
+    # function and parameters, +0.5-4% ResNet-50 train step on an H100 (benchmarks/RESULTS.md).
     c.model.space_to_depth_stem = False
 
     c.dataset = ml_collections.ConfigDict()
@@ -41,7 +41,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.dataset.num_examples = 1281167  # synthetic only: images per "epoch"
     c.dataset.eval_crops = 1  # 1: center crop; 10: the paper's 10-crop testing (ImageNet)
     # ImageNet training crops: antialiased resize (torchvision's); false: plain bilinear (the Flax
-    # example's), 1.4-1.8x faster host decoding for input-bound runs (benchmarks/RESULTS.md).
+    # example's), 1.4-1.7x faster host decoding for input-bound runs (benchmarks/RESULTS.md).
     c.dataset.train_antialias = True
 
     c.batch_size = 256  # global, over all devices and hosts

@@ -88,7 +88,7 @@ def imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor, size: int, antialias
         seed: int64 [2] per-example seed.
         size: Output side.
         antialias: Antialiased resize of the crop (torchvision's ``RandomResizedCrop`` default).
-            False is the Flax ImageNet example's plain bilinear resize: measured 1.4-1.8x the
+            False is the Flax ImageNet example's plain bilinear resize: measured 1.4-1.7x the
             images per second on 16 cores (benchmarks/RESULTS.md), for input-bound runs.
 
     Returns:

@@ -131,7 +131,7 @@ def space_to_depth_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     The same function of the same parameters (up to float summation order). A 3-channel stride-2
     convolution uses tensor cores poorly; the 12-channel stride-1 one uses them better (MLPerf's
-    trick; measured on an H100: ResNet-50 train step +3-4%, benchmarks/RESULTS.md).
+    trick; measured on an H100: ResNet-50 train step +0.5-4% over two runs, benchmarks/RESULTS.md).
 
     Args:
         x: ``[N, H, W, C]`` with H and W even.
