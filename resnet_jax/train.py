@@ -178,9 +178,24 @@ def train_step(
     return new, metrics
 
 
-def eval_step(state, batch, *, graphdef, num_classes, pixels=None):
-    """Sums of loss and top-1/top-5 hits over the unmasked examples. Multi-crop images
-    ``[N, crops, H, W, C]`` are scored by averaging the crops' softmax (paper 1's 10-crop test)."""
+EVAL_SUMS = ("loss", "top1", "top5", "count")
+
+
+def zero_eval_sums() -> dict[str, np.ndarray]:
+    """The ``totals`` an eval pass starts from (see ``eval_step``)."""
+    return {k: np.zeros((), np.float32) for k in EVAL_SUMS}
+
+
+def eval_step(state, batch, totals, *, graphdef, num_classes, pixels=None):
+    """``totals`` plus this batch's sums of loss and top-1/top-5 hits over the unmasked examples.
+    Multi-crop images ``[N, crops, H, W, C]`` are scored by averaging the crops' softmax (paper 1's
+    10-crop test).
+
+    Accumulating inside the step chains an eval pass's steps: each starts when the previous one
+    is done. Independent steps may run concurrently on XLA:CPU, and then two processes can pair
+    their all-reduces differently and wait on each other for good (a 2-process eval hung so, twice
+    in about six test-suite runs, both processes blocked in the per-batch addition this replaces).
+    """
     model = nnx.merge(graphdef, state["params"], state["batch_stats"], copy=True)
     images = data.model_input(batch["image"], pixels)
     if images.ndim == 5:
@@ -193,12 +208,13 @@ def eval_step(state, batch, *, graphdef, num_classes, pixels=None):
         loss = cross_entropy(scores, batch["label"], num_classes)
     mask = batch["mask"]
     top5 = jax.lax.top_k(scores, min(5, num_classes))[1]
-    return {
+    sums = {
         "loss": jnp.sum(loss * mask),
         "top1": jnp.sum((top5[:, 0] == batch["label"]) * mask),
         "top5": jnp.sum(jnp.any(top5 == batch["label"][:, None], -1) * mask),
         "count": jnp.sum(mask),
     }
+    return {k: totals[k] + sums[k].astype(jnp.float32) for k in EVAL_SUMS}
 
 
 def param_sharding(mesh, shape, shard: bool) -> NamedSharding:
@@ -264,7 +280,10 @@ class Trainer:
             eval_step, graphdef=self.graphdef_eval, num_classes=self.info.num_classes, pixels=self.info.pixels
         )
         self.eval_step = jax.jit(
-            ev, in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=self.replicated
+            ev,
+            in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
+            out_shardings=self.replicated,
+            donate_argnums=2,
         )
 
     def _init(self):
@@ -292,13 +311,12 @@ class Trainer:
         ``should_stop()`` is polled between batches; when it turns true the pass is abandoned and
         ``None`` is returned (a preempted run must save before its grace period ends).
         """
-        totals = None
+        totals = jax.device_put(zero_eval_sums(), self.replicated)
         batches = data.eval_batches(dataset_cfg or self.config.dataset, global_batch_size=self.config.batch_size)
         for batch in data.prefetch(batches, self.batch_sharding):
             if should_stop is not None and should_stop():
                 return None
-            out = self.eval_step(state, batch)
-            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+            totals = self.eval_step(state, batch, totals)
         t = jax.device_get(totals)
         n = max(float(t["count"]), 1.0)
         return {
