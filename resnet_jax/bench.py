@@ -882,100 +882,137 @@ def _variant(r: dict[str, Any]) -> str:
     return ", ".join(parts) or "defaults"
 
 
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table: a header line, its separator, one line per row of cells."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _dtype(r: dict[str, Any]) -> str:
+    return "bf16" if r["half_precision"] else "fp32"
+
+
 def markdown(results: Sequence[dict[str, Any]]) -> str:
     """Markdown tables of benchmark results, one table per kind of measurement."""
     sections = []
     train = [r for r in results if "mode" not in r and r.get("train_img_per_s") and "error" not in r]
     if train:
+        headers = (
+            "model", "image", "batch", "dtype", "XLA flags, options", "ours img/s", "Linen img/s",
+            "ours / Linen (paired; CPU time)", "torch img/s", "ours / torch", "eval img/s",
+            "compile s (ours / Linen)", "peak mem", "MFU",
+        )  # fmt: skip
         rows = [
-            "| model | image | batch | dtype | XLA flags, options | ours img/s | Linen img/s "
-            "| ours / Linen (paired; CPU time) | torch img/s | ours / torch | eval img/s "
-            "| compile s (ours / Linen) | peak mem | MFU |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            (
+                r["model"],
+                r["image_size"],
+                r["batch_size"],
+                _dtype(r),
+                _variant(r),
+                _fmt(r["train_img_per_s"]),
+                _fmt(r.get("linen_train_img_per_s")),
+                _ratio(r, "linen"),
+                _fmt(r.get("torch_train_img_per_s")),
+                _fmt(r.get("ratio_vs_torch"), 2),
+                _fmt(r.get("eval_img_per_s")),
+                f"{_fmt(r['compile_s'])} / {_fmt(r.get('linen_compile_s'))}",
+                _mib(r.get("peak_mem_bytes")),
+                "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%",
+            )  # fmt: skip
+            for r in train
         ]
-        for r in train:
-            lc = r.get("linen_compile_s")
-            mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-            rows.append(
-                f"| {r['model']} | {r['image_size']} | {r['batch_size']} | {'bf16' if r['half_precision'] else 'fp32'} "
-                f"| {_variant(r)} | {_fmt(r['train_img_per_s'])} | {_fmt(r.get('linen_train_img_per_s'))} "
-                f"| {_ratio(r, 'linen')} | {_fmt(r.get('torch_train_img_per_s'))} "
-                f"| {_fmt(r.get('ratio_vs_torch'), 2)} | {_fmt(r.get('eval_img_per_s'))} "
-                f"| {_fmt(r['compile_s'])} / {_fmt(lc)} | {_mib(r.get('peak_mem_bytes'))} "
-                f"| {mfu} |"
-            )
-        sections.append("\n".join(rows))
+        sections.append(_table(headers, rows))
     compile_only = [r for r in results if "mode" not in r and r.get("train_img_per_s") is None and "compile_s" in r]
     if compile_only:
+        headers = ("model", "batch", "train-step compile s (lower + compile)", "of which tracing s", "peak mem")
         rows = [
-            "| model | batch | train-step compile s (lower + compile) | of which tracing s | peak mem |",
-            "|---|---|---|---|---|",
+            (r["model"], r["batch_size"], _fmt(r["compile_s"]), _fmt(r["trace_s"]), _mib(r.get("peak_mem_bytes")))
+            for r in compile_only
         ]
-        for r in compile_only:
-            rows.append(
-                f"| {r['model']} | {r['batch_size']} | {_fmt(r['compile_s'])} | {_fmt(r['trace_s'])} "
-                f"| {_mib(r.get('peak_mem_bytes'))} |"
-            )
-        sections.append("\n".join(rows))
+        sections.append(_table(headers, rows))
     remat = [r for r in results if r.get("mode") == "remat_compare"]
     if remat:
+        headers = (
+            "model", "batch", "XLA flags", "autodiff residuals", "with remat", "peak mem", "with remat", "saved",
+            "XLA temp buffers", "with remat", "saved", "img/s", "with remat",
+        )  # fmt: skip
         rows = [
-            "| model | batch | XLA flags | autodiff residuals | with remat | peak mem | with remat | saved "
-            "| XLA temp buffers | with remat | saved | img/s | with remat |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            (
+                r["model"],
+                r["batch_size"],
+                r.get("xla_flags") or "default",
+                _mib(r.get("residual_bytes")),
+                _mib(r.get("remat_residual_bytes")),
+                _mib(r["peak_mem_bytes"]),
+                _mib(r["remat_peak_mem_bytes"]),
+                f"{_mib(r['remat_saved_bytes'])} ({100 * r['remat_saved_frac']:.0f}%)",
+                _mib(r.get("xla_temp_bytes")),
+                _mib(r.get("remat_xla_temp_bytes")),
+                f"{_mib(r.get('remat_xla_temp_saved_bytes'))} ({100 * (r.get('remat_xla_temp_saved_frac') or 0):.0f}%)",
+                _fmt(r.get("train_img_per_s")),
+                _fmt(r.get("remat_train_img_per_s")),
+            )  # fmt: skip
+            for r in remat
         ]
-        for r in remat:
-            rows.append(
-                f"| {r['model']} | {r['batch_size']} | {r.get('xla_flags') or 'default'} "
-                f"| {_mib(r.get('residual_bytes'))} | {_mib(r.get('remat_residual_bytes'))} "
-                f"| {_mib(r['peak_mem_bytes'])} | {_mib(r['remat_peak_mem_bytes'])} "
-                f"| {_mib(r['remat_saved_bytes'])} ({100 * r['remat_saved_frac']:.0f}%) "
-                f"| {_mib(r.get('xla_temp_bytes'))} | {_mib(r.get('remat_xla_temp_bytes'))} "
-                f"| {_mib(r.get('remat_xla_temp_saved_bytes'))} "
-                f"({100 * (r.get('remat_xla_temp_saved_frac') or 0):.0f}%) "
-                f"| {_fmt(r.get('train_img_per_s'))} | {_fmt(r.get('remat_train_img_per_s'))} |"
-            )
-        sections.append("\n".join(rows))
+        sections.append(_table(headers, rows))
     bn = [r for r in results if r.get("mode") == "bn_compare"]
     if bn:
+        headers = (
+            "model", "batch", "devices", "global BN img/s", "grouped BN img/s (group)",
+            "grouped / global (paired; CPU time)",
+        )  # fmt: skip
         rows = [
-            "| model | batch | devices | global BN img/s | grouped BN img/s (group) | grouped / global (paired; CPU time) |",
-            "|---|---|---|---|---|---|",
+            (
+                r["model"],
+                r["batch_size"],
+                r["devices"],
+                _fmt(r["train_img_per_s"]),
+                f"{_fmt(r['grouped_train_img_per_s'])} ({r['bn_group_size']})",
+                f"{_fmt(r['grouped_vs_global'], 2)} ({_fmt(r.get('grouped_vs_global_paired'), 2)}; "
+                f"{_fmt(r.get('grouped_vs_global_cpu'), 2)})",
+            )  # fmt: skip
+            for r in bn
         ]
-        for r in bn:
-            rows.append(
-                f"| {r['model']} | {r['batch_size']} | {r['devices']} | {_fmt(r['train_img_per_s'])} "
-                f"| {_fmt(r['grouped_train_img_per_s'])} ({r['bn_group_size']}) | {_fmt(r['grouped_vs_global'], 2)} "
-                f"({_fmt(r.get('grouped_vs_global_paired'), 2)}; {_fmt(r.get('grouped_vs_global_cpu'), 2)}) |"
-            )
-        sections.append("\n".join(rows))
+        sections.append(_table(headers, rows))
     pipes = [r for r in results if r.get("mode") == "input_pipeline"]
     if pipes:
-        rows = ["| pipeline | cores | img/s | img/s per core |", "|---|---|---|---|"]
-        for r in pipes:
-            for name, what in (
-                ("digits", "digits (numpy, 8x8)"),
-                ("cifar", "CIFAR (PNG decode, pad+crop+flip)"),
-                ("imagenet", f"ImageNet (500x375 JPEG decode+crop, resize {r.get('imagenet_image_size')}, flip)"),
-            ):
-                rows.append(
-                    f"| {what} | {r['cpu_cores']} | {_fmt(r[name + '_img_per_s'])} | {_fmt(r[name + '_img_per_s_per_core'])} |"
-                )
-        sections.append("\n".join(rows))
+        names = (
+            ("digits", "digits (numpy, 8x8)"),
+            ("cifar", "CIFAR (PNG decode, pad+crop+flip)"),
+            ("imagenet", "ImageNet (500x375 JPEG decode+crop, resize {}, flip)"),
+        )
+        rows = [
+            (
+                what.format(r.get("imagenet_image_size")),
+                r["cpu_cores"],
+                _fmt(r[name + "_img_per_s"]),
+                _fmt(r[name + "_img_per_s_per_core"]),
+            )
+            for r in pipes
+            for name, what in names
+        ]
+        sections.append(_table(("pipeline", "cores", "img/s", "img/s per core"), rows))
     fed = [r for r in results if r.get("fed_img_per_s")]
     if fed:
+        headers = (
+            "model", "image", "batch", "dtype", "CPU cores", "train img/s (batch on device)",
+            "input pipeline alone img/s", "train img/s fed by the pipeline", "fed / on device",
+        )  # fmt: skip
         rows = [
-            "| model | image | batch | dtype | CPU cores | train img/s (batch on device) | input pipeline alone img/s "
-            "| train img/s fed by the pipeline | fed / on device |",
-            "|---|---|---|---|---|---|---|---|---|",
+            (
+                r["model"],
+                r["image_size"],
+                r["batch_size"],
+                _dtype(r),
+                r["cpu_cores"],
+                _fmt(r["train_img_per_s"]),
+                _fmt(r["pipeline_img_per_s"]),
+                _fmt(r["fed_img_per_s"]),
+                f"{r['fed_vs_synthetic']:.2f}",
+            )  # fmt: skip
+            for r in fed
         ]
-        for r in fed:
-            rows.append(
-                f"| {r['model']} | {r['image_size']} | {r['batch_size']} | {'bf16' if r['half_precision'] else 'fp32'} "
-                f"| {r['cpu_cores']} | {_fmt(r['train_img_per_s'])} | {_fmt(r['pipeline_img_per_s'])} "
-                f"| {_fmt(r['fed_img_per_s'])} | {r['fed_vs_synthetic']:.2f} |"
-            )
-        sections.append("\n".join(rows))
+        sections.append(_table(headers, rows))
     errors = [r for r in results if "error" in r]
     if errors:
         sections.append("\n".join(f"- failed: {' '.join(r['args'])}: {r['error']}" for r in errors))
