@@ -8,9 +8,12 @@ Times, in one process and interleaved repeat by repeat (alternating the order):
 * ``ours_guard_after``: the non-finite guard as it was before: the new parameters checked too,
   then ``jnp.where`` over the whole state (a second pass and a live copy of the old state);
 * ``ours_no_guard``: the same step without any non-finite guard;
-* ``ours_cond_guard`` / ``ours_select_guard``: the two ways ``train_step`` can skip a bad step,
-  forced whatever the backend (``guard_options`` picks one per backend): per-leaf checks and the
-  update under ``lax.cond`` (CPU), or one fused check and a select inside the update (GPU/TPU);
+* ``ours_cond_guard`` / ``ours_select_guard``: the two ways ``train_step`` can skip a bad step
+  (``config.skip_nonfinite=True``; ``ours`` only flags it and the run stops), forced whatever the
+  backend (``guard_options`` picks one per backend): checks by leaf size and the update under
+  ``lax.cond`` (CPU), or one fused check and a select inside the update (GPU/TPU);
+* ``ours_stop_fused`` / ``ours_stop_per_leaf`` / ``ours_stop_by_size``: the stopping step with
+  each way of checking finiteness (``resnet_jax.train.all_finite``), whatever the backend;
 * ``ours_reshaped_bn``: BatchNorm statistics always through the grouped 5-D reshape
   ``[groups, g, H, W, C]``, also for global statistics (as it was before);
 * ``ours_no_guard_const_lr`` (``..._plain_jit``): no guard, a constant learning rate (the
@@ -30,6 +33,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import re
 import statistics
 import sys
@@ -105,9 +109,9 @@ def train_step_guard_after(state, batch, **kw):
     new, metrics, grads = _sgd_step(state, batch, **kw)
     finite = (  # one check per leaf, as it was
         jnp.isfinite(metrics["train/loss"])
-        & all_finite(grads, fused=False)
-        & all_finite(new["params"], fused=False)
-        & all_finite(new["batch_stats"], fused=False)
+        & all_finite(grads, fuse_below=0)
+        & all_finite(new["params"], fuse_below=0)
+        & all_finite(new["batch_stats"], fuse_below=0)
     )
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, dict(state, step=state["step"] + 1))
     new["nonfinite"] = state["nonfinite"] + (~finite).astype(jnp.int32)
@@ -134,8 +138,8 @@ class Variant:
             num_classes=t.info.num_classes,
             label_smoothing=t.config.label_smoothing,
             pixels=t.info.pixels,
-            # the Trainer's choice for this backend (see resnet_jax.train.all_finite)
-            **(guard_options(False) if step_fn is train_step else {}),
+            # the Trainer's choice for this backend and config (see resnet_jax.train.guard_options)
+            **(dict(guard_options(False), skip_nonfinite=t.config.skip_nonfinite) if step_fn is train_step else {}),
         )
         if shardings:
             jitted = jax.jit(
@@ -219,8 +223,12 @@ def main(argv=None):
         "ours_guard_after": (train_step_guard_after, _ORIGINAL_BN),
         "ours_no_guard": (train_step_no_guard, _ORIGINAL_BN),
         "ours_reshaped_bn": (train_step, reshaped_bn),
-        "ours_cond_guard": (functools.partial(train_step, fused_checks=False, skip_by_cond=True), _ORIGINAL_BN),
-        "ours_select_guard": (functools.partial(train_step, fused_checks=True, skip_by_cond=False), _ORIGINAL_BN),
+        "ours_cond_guard": (functools.partial(train_step, **guard_options(False, "cpu")), _ORIGINAL_BN),
+        "ours_select_guard": (functools.partial(train_step, **guard_options(False, "gpu")), _ORIGINAL_BN),
+        # The stopping step (flags only) with each way of checking, whatever the backend.
+        "ours_stop_fused": (functools.partial(train_step, skip_nonfinite=False, fuse_below=math.inf), _ORIGINAL_BN),
+        "ours_stop_per_leaf": (functools.partial(train_step, skip_nonfinite=False, fuse_below=0), _ORIGINAL_BN),
+        "ours_stop_by_size": (functools.partial(train_step, skip_nonfinite=False, fuse_below=2**16), _ORIGINAL_BN),
         # The rest of the Linen baseline's differences: a constant learning rate, jit without shardings.
         "ours_no_guard_const_lr": (train_step_no_guard, _ORIGINAL_BN, True, True),
         "ours_no_guard_const_lr_plain_jit": (train_step_no_guard, _ORIGINAL_BN, True, False),

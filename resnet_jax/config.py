@@ -71,6 +71,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval_every_epochs = 1.0
     c.log_every_steps = 100
     c.skip_nonfinite = False  # True: skip steps with a non-finite loss or gradient instead of stopping
+    # (a little slower: the update waits for the check; see train.train_step)
     c.shard_params = False  # FSDP-style: shard parameters and optimizer state over the data axis
     c.progress_bar = True
     return c

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import signal
 import threading
 import time
@@ -69,22 +70,23 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
     return optax.softmax_cross_entropy(logits, onehot)
 
 
-def all_finite(tree, fused: bool = True) -> jax.Array:
+def all_finite(tree, fuse_below: float = math.inf) -> jax.Array:
     """Whether every element of every leaf is finite.
 
-    ``fused``: one reduction over all the leaves concatenated. One reduction per leaf costs one
-    small kernel per leaf; on a GPU those launches took a third of a CIFAR ResNet-56 step
-    (measured: 0.65x the Flax Linen reference with per-leaf checks). On a CPU a launch is cheap
-    and the concatenation is a copy of every gradient (measured: a ResNet-18 step took 0.96x the
-    Linen reference's CPU time with it, 0.98x without); leaves sharded over devices
-    (``shard_params``) would be gathered. There: one check per leaf.
+    Leaves of fewer than ``fuse_below`` elements are checked by one reduction over their
+    concatenation, larger ones one by one. Each check is a kernel; the concatenation of a large
+    leaf is a copy of it. GPU/TPU (``inf``): launches are what costs (per-leaf checks made
+    cifar_resnet56 0.65x the Flax Linen reference on an H100). CPU (``2**16``): the concatenated
+    check of resnet18's 11M parameters cost 3% of a step, one check per leaf of cifar_resnet56's
+    170 small ones 1.5-3% (2 cores, measured). Sharded leaves (``shard_params``, ``0``) are never
+    concatenated: that would gather them.
     """
     leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.array(True)
-    if fused:
-        return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])))
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    small = [jnp.ravel(x).astype(jnp.float32) for x in leaves if x.size < fuse_below]
+    checks = [jnp.all(jnp.isfinite(x)) for x in leaves if x.size >= fuse_below]
+    if small:
+        checks.append(jnp.all(jnp.isfinite(jnp.concatenate(small))))
+    return jnp.all(jnp.array(checks)) if checks else jnp.array(True)
 
 
 def loss_and_grads(state, batch, *, graphdef, num_classes, label_smoothing, pixels=None):
@@ -104,17 +106,17 @@ def loss_and_grads(state, batch, *, graphdef, num_classes, label_smoothing, pixe
     return loss, logits, batch_stats, grads
 
 
-def guard_options(shard_params: bool, backend: str | None = None) -> dict[str, bool]:
-    """How ``train_step`` skips a non-finite step on this backend (measured, session 2).
+def guard_options(shard_params: bool, backend: str | None = None) -> dict:
+    """How ``train_step`` checks and skips non-finite steps on this backend (measured).
 
     GPU/TPU: one fused finiteness check and a select inside the update (a conditional would stall
-    the stream on its predicate; per-leaf checks made cifar_resnet56 0.65x the Linen reference on
-    an H100). CPU: per-leaf checks and the update under ``lax.cond`` (the concatenation is a copy
-    of every gradient; the select added a pass over the parameters and momentum: 3.69 -> 3.54 GB
-    per resnet18 step, Linen 3.41).
+    the stream on its predicate). CPU: checks by leaf size (see ``all_finite``) and the update
+    under ``lax.cond`` (the select added a pass over the parameters and momentum: 3.69 -> 3.54 GB
+    per resnet18 step, Linen 3.41). Sharded parameters: one check per leaf.
     """
     cpu = (backend or jax.default_backend()) == "cpu"
-    return {"fused_checks": not (cpu or shard_params), "skip_by_cond": cpu}
+    fuse_below = 0 if shard_params else 2**16 if cpu else math.inf
+    return {"fuse_below": fuse_below, "skip_by_cond": cpu}
 
 
 def train_step(
@@ -127,55 +129,74 @@ def train_step(
     num_classes,
     label_smoothing,
     pixels=None,
-    fused_checks=True,
+    skip_nonfinite=True,
+    fuse_below=math.inf,
     skip_by_cond=False,
 ):
     """One SGD step. Pure: ``(state, batch) -> (state, metrics)``.
 
-    A step whose loss, gradients or new BatchNorm statistics are not finite leaves the state
-    unchanged (and is counted in ``state["nonfinite"]``), so a bad batch can never reach a
-    checkpoint; the host then stops or skips it (``config.skip_nonfinite``). A finite update that
-    overflows the parameters (an absurd learning rate) is flagged in ``metrics["params_finite"]``
-    and the host always stops before saving.
+    ``metrics["finite"]`` is false for a step whose loss or new BatchNorm statistics (and, with
+    ``skip_nonfinite``, gradients) are not finite; such steps are counted in ``state["nonfinite"]``.
 
-    How a bad step is skipped (``guard_options`` picks per backend; the result is the same):
-    ``skip_by_cond`` runs the optimizer update under ``lax.cond``, else a select inside the
-    update's elementwise pass keeps the old values. ``fused_checks``: see ``all_finite``.
+    * ``skip_nonfinite`` (``config.skip_nonfinite``): a bad step leaves the state unchanged and
+      training goes on. A finite update that overflows the parameters (an absurd learning rate)
+      cannot be skipped so: it is flagged in ``metrics["params_finite"]`` and the host stops.
+      How a step is skipped (``guard_options`` picks per backend; the result is the same):
+      ``skip_by_cond`` runs the optimizer update under ``lax.cond``, else a select inside the
+      update's elementwise pass keeps the old values.
+    * otherwise the run stops at the first bad step and the step only flags it: its new state is
+      whatever the update made of it. Non-finite gradients or parameters show in the next step's
+      loss (NaN and inf pass through the update and the forward pass), and the caller checks the
+      whole state with ``state_finite`` before it saves or evaluates it, as the training loop does.
+      The step then does no more work than an unguarded one: no pass over the gradients or
+      parameters, and no update waiting for a check.
+
+    ``fuse_below``: see ``all_finite``.
     """
-
     loss, logits, batch_stats, grads = loss_and_grads(
         state, batch, graphdef=graphdef, num_classes=num_classes, label_smoothing=label_smoothing, pixels=pixels
     )
-    # Decided before the update, so that skipping costs no second pass over the state. Checking
-    # the new parameters first and selecting after needed one, plus a live copy of the old state
-    # (measured: ~2x the fused kernels and 1-5% of the step on CPU).
-    finite = jnp.isfinite(loss) & all_finite(grads, fused_checks) & all_finite(batch_stats, fused_checks)
+    finite = jnp.isfinite(loss) & all_finite(batch_stats, fuse_below)
 
     def update(grads, opt_state, params):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    def keep(grads, opt_state, params):
-        return params, opt_state
-
-    def select(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-    if skip_by_cond:
-        params, opt_state = jax.lax.cond(finite, update, keep, grads, state["opt_state"], state["params"])
+    checks = {}
+    if not skip_nonfinite:
+        params, opt_state = update(grads, state["opt_state"], state["params"])
     else:
-        new = update(grads, state["opt_state"], state["params"])
-        params, opt_state = select(new, (state["params"], state["opt_state"]))
-    new = {"params": params, "batch_stats": select(batch_stats, state["batch_stats"]), "opt_state": opt_state}
+        # Decided before the update, so that skipping costs no second pass over the state.
+        # Checking the new parameters first and selecting after needed one, plus a live copy of
+        # the old state (measured: ~2x the fused kernels and 1-5% of the step on CPU).
+        finite = finite & all_finite(grads, fuse_below)
+
+        def select(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        if skip_by_cond:
+            keep = lambda grads, opt_state, params: (params, opt_state)  # noqa: E731
+            params, opt_state = jax.lax.cond(finite, update, keep, grads, state["opt_state"], state["params"])
+        else:
+            new = update(grads, state["opt_state"], state["params"])
+            params, opt_state = select(new, (state["params"], state["opt_state"]))
+        batch_stats = select(batch_stats, state["batch_stats"])
+        checks["params_finite"] = all_finite(params, fuse_below)
+    new = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
     new.update(step=state["step"] + 1, nonfinite=state["nonfinite"] + (~finite).astype(jnp.int32))
     metrics = {
         "train/loss": loss,
         "train/top1_acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "train/lr": schedule(state["step"]),
         "finite": finite,
-        "params_finite": all_finite(new["params"], fused_checks),
+        **checks,
     }
     return new, metrics
+
+
+def state_finite(state, fuse_below: float = math.inf) -> jax.Array:
+    """Whether a train state holds only finite values (jit it; see ``train_step``)."""
+    return all_finite({k: state[k] for k in ("params", "batch_stats", "opt_state")}, fuse_below)
 
 
 EVAL_SUMS = ("loss", "top1", "top5", "count")
@@ -268,6 +289,7 @@ class Trainer:
             num_classes=self.info.num_classes,
             label_smoothing=config.label_smoothing,
             pixels=self.info.pixels,
+            skip_nonfinite=config.skip_nonfinite,
             **guard_options(config.shard_params),
         )
         self.train_step = jax.jit(
@@ -276,6 +298,8 @@ class Trainer:
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=0,
         )
+        checked = functools.partial(state_finite, fuse_below=guard_options(config.shard_params)["fuse_below"])
+        self.state_finite = jax.jit(checked, in_shardings=(self.state_shardings,), out_shardings=self.replicated)
         ev = functools.partial(
             eval_step, graphdef=self.graphdef_eval, num_classes=self.info.num_classes, pixels=self.info.pixels
         )
@@ -436,13 +460,13 @@ def _train_loop(config, trainer, durations, state, step, ckpt, logbook, preempt,
     def take(entry):
         s, m = entry
         m = jax.device_get(m)
-        if not m.pop("params_finite"):
+        if not m.pop("params_finite", True):  # (only a skipping step checks this every step)
             # The old parameters are gone (the step updates them in place): skipping is impossible.
             stop(f"the update at step {s} overflowed the parameters (finite gradient, non-finite result)", "")
         if not m.pop("finite"):
             if not config.skip_nonfinite:
                 stop(
-                    f"non-finite loss, gradient or BatchNorm statistics at step {s}",
+                    f"non-finite loss or BatchNorm statistics at step {s}",
                     ", or pass --config.skip_nonfinite=true to skip such steps",
                 )
             log.warning("skipped step %d: non-finite loss, gradient or BatchNorm statistics", s)
@@ -465,6 +489,13 @@ def _train_loop(config, trainer, durations, state, step, ckpt, logbook, preempt,
             continue
         take(pending)
         pending = None
+        if (eval_now or save_now or stop_now) and not config.skip_nonfinite and not trainer.state_finite(state):
+            # A stopping step does not check its gradients or new parameters (see train_step):
+            # this is where a bad update that the loss has not shown yet is caught before a save.
+            stop(
+                f"non-finite parameters or optimizer state at step {step}",
+                ", or pass --config.skip_nonfinite=true to skip steps with non-finite gradients",
+            )
         if log_now:
             dt = time.perf_counter() - t0
             row = {k: float(np.mean([w[k] for w in window])) for k in (window[0] if window else ())}

@@ -1,8 +1,10 @@
-"""The pure train step in-process: an update, the non-finite guard, and the fused finiteness check."""
+"""The pure train step in-process: an update, the non-finite guard (skipping or stopping), and the
+finiteness checks."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -11,16 +13,20 @@ import optax
 import pytest
 from flax import nnx
 
+from resnet_jax import train
+from resnet_jax.errors import UserError
 from resnet_jax.models import create_model
-from resnet_jax.train import all_finite, guard_options, train_step
+from resnet_jax.train import all_finite, guard_options, state_finite, train_step
 
 NUM_CLASSES = 10
 
 
 # The two ways the step can skip a bad update (GPU: select with one fused check; CPU: lax.cond
-# with per-leaf checks); every test runs both.
+# with checks by leaf size); every skipping test runs both.
 GUARDS = [guard_options(False, "gpu"), guard_options(False, "cpu")]
-guards = pytest.mark.parametrize("guard", GUARDS, ids=["select_fused", "cond_per_leaf"])
+guards = pytest.mark.parametrize("guard", GUARDS, ids=["select_fused", "cond_by_size"])
+# The default: the run stops at a bad step, which the step only flags.
+STOP = {"skip_nonfinite": False, "fuse_below": 2**16}
 
 
 def make_step(tx, guard):
@@ -97,15 +103,17 @@ def test_an_overflowing_update_is_flagged(guard):
     assert bool(metrics["finite"]) and not bool(metrics["params_finite"])
 
 
+@pytest.mark.parametrize("where", ["large", "small"])
 @pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
-def test_fused_and_per_leaf_checks_agree(bad):
+def test_every_way_of_checking_agrees(bad, where):
     rng = np.random.default_rng(1)
     tree = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": [rng.normal(size=(5,)), np.ones((2, 2), np.int32)]}
     if bad is not None:
-        tree["b"][0][2] = bad
-    fused, per_leaf = bool(all_finite(tree, fused=True)), bool(all_finite(tree, fused=False))
-    assert fused == per_leaf == (bad is None)
-    assert bool(all_finite({}))
+        (tree["a"] if where == "large" else tree["b"][0])[1] = bad
+    # all concatenated, one by one, and split by size (12 elements checked alone, 5 and 4 together)
+    results = [bool(all_finite(tree, fuse_below=f)) for f in (math.inf, 0, 10)]
+    assert results == [bad is None] * 3
+    assert bool(all_finite({})) and bool(all_finite({}, fuse_below=0))
 
 
 def test_both_guards_compute_the_same_step():
@@ -118,3 +126,52 @@ def test_both_guards_compute_the_same_step():
     for x, y in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
     assert int(results[0]["nonfinite"]) == 1
+
+
+def test_a_stopping_step_is_the_skipping_step_on_good_batches():
+    """Without a skip to prepare, the default step computes what the guarded step does."""
+    results = []
+    for guard in (STOP, GUARDS[1]):
+        step, state = make_step(optax.sgd(0.1, momentum=0.9), guard)
+        for _ in range(2):
+            state, metrics = step(state, batch())
+        assert bool(metrics["finite"])
+        results.append(host(state))
+    for x, y in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)  # (fused differently: last-bit differences)
+
+
+def test_a_stopping_step_flags_a_non_finite_batch():
+    step, state = make_step(optax.sgd(0.1, momentum=0.9), STOP)
+    new, metrics = step(state, batch(nan=True))
+    assert not bool(metrics["finite"]) and "params_finite" not in metrics
+    assert int(new["nonfinite"]) == 1
+    assert not bool(state_finite(new))  # nothing was kept: the caller must stop
+
+
+def test_an_overflow_shows_in_the_state_check_then_in_the_next_loss():
+    """The stopping step checks no parameters: an update that overflows them passes its own step
+    (finite loss), fails ``state_finite`` (checked before any save) and the next step's loss."""
+    step, state = make_step(optax.chain(optax.scale(1e38), optax.scale(1e38)), STOP)
+    assert bool(state_finite(state))
+    state, metrics = step(state, batch())
+    assert bool(metrics["finite"]) and not bool(state_finite(state))
+    _, metrics = step(state, batch())
+    assert not bool(metrics["finite"])
+
+
+def test_the_loop_never_saves_an_overflowed_state(tmp_path, monkeypatch):
+    """An update that overflows the parameters at step 1, a checkpoint due at step 1: the run stops
+    with the one-line error before saving (without the state check it would save step 1, whose
+    own loss is finite)."""
+    from resnet_jax.config import get_base_config
+
+    monkeypatch.setattr(
+        train, "make_optimizer", lambda config, schedule: optax.chain(optax.scale(1e38), optax.scale(1e38))
+    )
+    c = get_base_config()
+    c.dataset.name, c.model.name, c.model.width = "digits", "cifar_resnet8", 4
+    c.batch_size, c.num_steps, c.checkpoint_every_steps, c.log_every_steps, c.progress_bar = 16, 3, 1, 1, False
+    with pytest.raises(UserError, match=r"non-finite parameters or optimizer state at step 1; no checkpoint was saved"):
+        train.train_and_evaluate(c, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
