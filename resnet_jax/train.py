@@ -384,6 +384,27 @@ class _Preemption:
             self._installed = False
 
 
+def agree_on_start_up(problem: BaseException | None) -> None:
+    """Raises ``problem`` if this process failed to start; a ``UserError`` if another one did.
+
+    Processes check different things (only process 0 opens the workdir; each reads its own copy
+    of the dataset), and one that stopped alone would leave the others waiting in their first
+    collective until the distributed runtime's timeout. So every process says whether it started,
+    and all stop together.
+    """
+    failed = [0] if problem is not None else []
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        started = np.ravel(multihost_utils.process_allgather(np.int32(problem is None)))
+        failed = [i for i, ok in enumerate(started) if not ok]
+    if problem is not None:
+        raise problem
+    if failed:
+        names = ", ".join(map(str, failed))
+        raise UserError(f"process {names} could not start (its error says why); fix that and start every process again")
+
+
 def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str, float]:
     """Trains ``config`` in ``workdir``, resuming from its latest complete checkpoint.
 
@@ -398,11 +419,16 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
     wd = Workdir(workdir)
     ckpt = logbook = bar = final = None
     try:
-        info = data.get_info(config.dataset)
-        durations = Durations.from_config(config, info.num_train)
-        trainer = Trainer(config, info, durations)  # model and batch/device errors, before any write
-        if lead:
-            wd.open(config.to_dict(), fresh=fresh)
+        problem = None
+        try:
+            info = data.get_info(config.dataset)
+            durations = Durations.from_config(config, info.num_train)
+            trainer = Trainer(config, info, durations)  # model and batch/device errors, before any write
+            if lead:
+                wd.open(config.to_dict(), fresh=fresh)
+        except Exception as e:  # noqa: BLE001 - re-raised by agree_on_start_up, after the other processes learn of it
+            problem = e
+        agree_on_start_up(problem)
         ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
         state, step = ckpt.restore_latest(trainer.abstract_state)
         if state is None:

@@ -100,24 +100,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(single_run, tmp_path):
-    """A real 2-process run on 127.0.0.1 (2 CPU devices each, gloo collectives) trains, writes one
-    set of checkpoints and metrics, and matches the single-process run."""
+def run_processes(args: list[str], n: int = 2, timeout: int = 300) -> list[tuple[int, str]]:
+    """Runs ``resnet_jax.train args`` as ``n`` real processes on 127.0.0.1 (2 CPU devices each,
+    gloo collectives); returns each one's (exit status, stderr)."""
     port = free_port()
     procs = []
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     try:
-        for i in range(2):
-            args = [
-                *SHORT,
-                f"--workdir={tmp_path}",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ]
+        for i in range(n):
+            distributed = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}"]
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "resnet_jax.train", *args],
+                    [sys.executable, "-m", "resnet_jax.train", *args, *distributed],
                     cwd=ROOT,
                     env=env,
                     stdout=subprocess.PIPE,
@@ -126,24 +120,45 @@ def test_two_processes_match_one(single_run, tmp_path):
                 )
             )
         try:
-            outs = [p.communicate(timeout=300) for p in procs]
+            outs = [p.communicate(timeout=timeout) for p in procs]
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
             tails = [f"process {i}: {p.communicate()[1][-1500:]}" for i, p in enumerate(procs)]
-            pytest.fail("the 2-process run did not finish in 300 s\n" + "\n".join(tails))
+            pytest.fail(f"the {n}-process run did not finish in {timeout} s\n" + "\n".join(tails))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
+
+
+def test_two_processes_match_one(single_run, tmp_path):
+    """A real 2-process run on 127.0.0.1 (2 CPU devices each, gloo collectives) trains, writes one
+    set of checkpoints and metrics, and matches the single-process run."""
+    for rc, err in run_processes([*SHORT, f"--workdir={tmp_path}"]):
+        assert rc == 0, err[-3000:]
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["processes"] == 2 and info["devices"] == 4
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
     one, two = train_losses(single_run), train_losses(tmp_path)
     assert sorted(two) == [1, 2, 3, 4, 5, 6]  # one set of metrics: process 0 only
     np.testing.assert_allclose([two[k] for k in one], [one[k] for k in one], rtol=1e-4, atol=1e-5)
+
+
+def test_an_error_on_process_0_stops_every_process(tmp_path):
+    """Only process 0 opens the workdir. When it refuses one (checkpoints of another model), the
+    other process stops too, at once and with one line, instead of waiting in its first collective
+    until the distributed runtime's timeout."""
+    (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "resnet18"}}))
+    results = run_processes([*SHORT, f"--workdir={tmp_path}"], timeout=120)
+    for i, (rc, err) in enumerate(results):
+        assert rc == 2 and "Traceback" not in err, (i, err[-3000:])
+        assert err.strip().splitlines()[-1].startswith("error: "), (i, err[-3000:])
+    assert "holds checkpoints of a different run" in results[0][1]
+    assert "process 0 could not start" in results[1][1]
+    assert os.listdir(tmp_path / "checkpoints") == ["5"]  # nothing written
 
 
 def test_one_step_on_imagenet_built_by_tfds(imagenet_data_dir, tmp_path):
