@@ -18,6 +18,8 @@ Times, in one process and interleaved repeat by repeat (alternating the order):
   ``[groups, g, H, W, C]``, also for global statistics (as it was before);
 * ``ours_no_guard_const_lr`` (``..._plain_jit``): no guard, a constant learning rate (the
   baseline's; ours evaluates the schedule in the step), and also ``jax.jit`` without shardings;
+* ``ours_float_input``: our step fed float images normalised beforehand, as the baseline is;
+* ``--xla_options '{"label": {"xla_cpu_...": value}}'``: our step compiled with those XLA options;
 * ``linen``: the baseline of ``benchmarks/linen_resnet.py``.
 
 The variants only patch ``BatchNorm.__call__`` while tracing, or swap the step function (the
@@ -121,7 +123,18 @@ def train_step_guard_after(state, batch, **kw):
 class Variant:
     """A variant of our step, compiled on the batch and state of ``base`` (a ``bench.OurStep``)."""
 
-    def __init__(self, label: str, base: bench.OurStep, *, step_fn, bn, const_lr: bool = False, shardings: bool = True):
+    def __init__(
+        self,
+        label: str,
+        base: bench.OurStep,
+        *,
+        step_fn,
+        bn,
+        const_lr: bool = False,
+        shardings: bool = True,
+        float_input: bool = False,
+        compiler_options: dict | None = None,
+    ):
         self.label = label
         self.bn = bn
         t = base.trainer
@@ -152,8 +165,11 @@ class Variant:
             jitted = jax.jit(fn, donate_argnums=0)
         self.state = t.init_state()
         self.batch = base.batch
+        if float_input:  # normalised beforehand, as the Linen baseline gets them
+            images = jax.jit(model_input, static_argnums=1)(base.batch["image"], t.info.pixels)
+            self.batch = dict(base.batch, image=images)
         with batchnorm(bn):
-            self.compiled = jitted.lower(self.state, self.batch).compile()
+            self.compiled = jitted.lower(self.state, self.batch).compile(compiler_options=compiler_options)
 
     def step(self):
         self.state, metrics = self.compiled(self.state, self.batch)
@@ -209,6 +225,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--half_precision", action="store_true")
     p.add_argument("--variants", default="ours,ours_guard_after,ours_no_guard,ours_reshaped_bn,linen")
+    p.add_argument(
+        "--xla_options",
+        default="{}",
+        help='more variants: our step compiled with XLA options, as JSON {"label": {"xla_option": value}}',
+    )
     a = p.parse_args(argv)
     args = bench.build_parser().parse_args(
         [f"--model={a.model}", f"--batch_size={a.batch_size}"] + (["--half_precision"] if a.half_precision else [])
@@ -232,15 +253,22 @@ def main(argv=None):
         # The rest of the Linen baseline's differences: a constant learning rate, jit without shardings.
         "ours_no_guard_const_lr": (train_step_no_guard, _ORIGINAL_BN, True, True),
         "ours_no_guard_const_lr_plain_jit": (train_step_no_guard, _ORIGINAL_BN, True, False),
+        "ours_float_input": (train_step, _ORIGINAL_BN, False, True, True),
     }
+    xla_options = json.loads(a.xla_options)
+    wanted += list(xla_options)
     for label in wanted:
         if label == "linen":
             r = bench.LinenStep(args, base)
         elif label == "ours":
             r = base
+        elif label in xla_options:
+            r = Variant(label, base, step_fn=train_step, bn=_ORIGINAL_BN, compiler_options=xla_options[label])
         else:
             step_fn, bn, *rest = specs[label]
-            r = Variant(label, base, step_fn=step_fn, bn=bn, **dict(zip(("const_lr", "shardings"), rest)))
+            r = Variant(
+                label, base, step_fn=step_fn, bn=bn, **dict(zip(("const_lr", "shardings", "float_input"), rest))
+            )
         stats = hlo_stats(r.compiled)
         stats["residual_mib"] = round(residual_bytes(r, base) / 2**20, 1)
         print(label, json.dumps(stats), flush=True)
