@@ -174,8 +174,10 @@ def train_step(
         def select(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
+        def keep(grads, opt_state, params):
+            return params, opt_state
+
         if skip_by_cond:
-            keep = lambda grads, opt_state, params: (params, opt_state)  # noqa: E731
             params, opt_state = jax.lax.cond(finite, update, keep, grads, state["opt_state"], state["params"])
         else:
             new = update(grads, state["opt_state"], state["params"])
@@ -281,6 +283,7 @@ class Trainer:
         abstract = jax.eval_shape(self._init)
         self.state_shardings = jax.tree.map(lambda a: param_sharding(self.mesh, a.shape, config.shard_params), abstract)
         self.abstract_state = abstract_with_shardings(abstract, self.state_shardings)
+        guard = guard_options(config.shard_params)
         step = functools.partial(
             train_step,
             graphdef=self.graphdef_train,
@@ -290,7 +293,7 @@ class Trainer:
             label_smoothing=config.label_smoothing,
             pixels=self.info.pixels,
             skip_nonfinite=config.skip_nonfinite,
-            **guard_options(config.shard_params),
+            **guard,
         )
         self.train_step = jax.jit(
             step,
@@ -298,7 +301,7 @@ class Trainer:
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=0,
         )
-        checked = functools.partial(state_finite, fuse_below=guard_options(config.shard_params)["fuse_below"])
+        checked = functools.partial(state_finite, fuse_below=guard["fuse_below"])
         self.state_finite = jax.jit(checked, in_shardings=(self.state_shardings,), out_shardings=self.replicated)
         ev = functools.partial(
             eval_step, graphdef=self.graphdef_eval, num_classes=self.info.num_classes, pixels=self.info.pixels
