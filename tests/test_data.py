@@ -6,6 +6,7 @@ is prepared by TFDS's real builder from tiny fake tars (the ``imagenet_data_dir`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -305,8 +306,14 @@ def test_importing_data_and_digits_does_not_import_tensorflow():
 # ------------------------------------------------------------------------------------------- CIFAR
 
 
-def test_cifar10_under_mock_data(tmp_path):
+def test_cifar10_under_mock_data(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
+    from resnet_jax.data import tfds_datasets
+
+    for name in ("cifar10", "cifar100"):  # the mock replaces the download: no server to try first
+        monkeypatch.setitem(
+            tfds_datasets._SPECS, name, dataclasses.replace(tfds_datasets._SPECS[name], download_from=())
+        )
     cfg = dataset_cfg(name="cifar10", data_dir=str(tmp_path))
     num_mock = 20
     with tfds.testing.mock_data(num_examples=num_mock):
@@ -354,6 +361,40 @@ def test_cifar_errors(tmp_path, monkeypatch):
         data.get_info(dataset_cfg(name="cifar10", image_size=64))
     with pytest.raises(UserError, match="eval_crops"):
         data.get_info(dataset_cfg(name="cifar10", eval_crops=10))
+
+
+def test_cifar_fails_fast_when_its_server_cannot_be_reached(tmp_path, monkeypatch):
+    """Offline, the download server is tried once (refused here at once) instead of through TFDS's
+    minutes of retries; behind a proxy that direct try proves nothing and TFDS is asked instead."""
+    import socket
+
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from resnet_jax.data import tfds_datasets
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = dataclasses.replace(tfds_datasets._SPECS["cifar10"], download_from=(("127.0.0.1", port),) * 2)
+    monkeypatch.setitem(tfds_datasets._SPECS, "cifar10", spec)
+    downloads = []
+
+    def download(self, *args, **kwargs):
+        downloads.append(self.name)
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download)
+    for name in ("https_proxy", "http_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    t = time.perf_counter()
+    with pytest.raises(UserError, match=r"could not be downloaded \(127\.0\.0\.1: .*refused; 127.*tfds build cifar10"):
+        data.get_info(dataset_cfg(name="cifar10", data_dir=str(tmp_path)))
+    assert time.perf_counter() - t < 10 and downloads == []
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    with pytest.raises(UserError, match=r"could not be downloaded \(ConnectionError\)"):
+        data.get_info(dataset_cfg(name="cifar10", data_dir=str(tmp_path)))
+    assert downloads == ["cifar10"]
 
 
 # ---------------------------------------------------------------------------------------- ImageNet
