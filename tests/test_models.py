@@ -539,6 +539,15 @@ def test_batchnorm_groups():
     expect = np.concatenate([_normalise(x[i : i + 2]) for i in range(0, 8, 2)])
     np.testing.assert_allclose(y, expect, rtol=1e-4, atol=1e-4)
     assert not np.allclose(y, _normalise(x), atol=1e-2)
+    # Running statistics: the mean of the groups' means and (biased) variances, as averaging the
+    # per-GPU running statistics would give; not the whole batch's variance, which also counts the
+    # spread between the group means (each image here has its own offset).
+    groups = x.reshape(4, 2, *x.shape[1:])
+    m = bn.momentum
+    group_var = groups.var(axis=(1, 2, 3)).mean(axis=0)
+    np.testing.assert_allclose(np.asarray(bn.mean[...]), (1 - m) * groups.mean(axis=(1, 2, 3)).mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.var[...]), m + (1 - m) * group_var, rtol=1e-4)
+    assert not np.allclose(np.asarray(bn.var[...]), m + (1 - m) * x.var(axis=(0, 1, 2)), rtol=1e-2)
     with pytest.raises(ValueError, match="bn_group_size"):
         BatchNorm(3, group_size=3)(jnp.asarray(x))
 

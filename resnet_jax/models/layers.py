@@ -51,7 +51,10 @@ class BatchNorm(nnx.Module):
     batch, which under sharded jit is the global batch (synchronised BN).
 
     Running statistics follow Flax's convention: ``ra = momentum * ra + (1 - momentum) * batch``
-    with the biased batch variance (PyTorch's momentum 0.1 is our 0.9).
+    with the biased batch variance (PyTorch's momentum 0.1 is our 0.9). With groups, ``batch`` is
+    the mean of the groups' means and variances: what averaging each GPU's own running statistics
+    would give. It is not the whole batch's variance, which would also count the spread between
+    the group means, a spread the groups never normalised with.
     """
 
     def __init__(
