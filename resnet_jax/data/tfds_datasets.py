@@ -76,29 +76,15 @@ class _Spec:
     download_from: tuple[tuple[str, int], ...] = ()
 
 
+def _cifar(num_classes: int, mean: tuple[float, ...], std: tuple[float, ...]) -> _Spec:
+    # TFDS tries its GCS mirror first, then the dataset's own server.
+    servers = (("storage.googleapis.com", 443), ("www.cs.toronto.edu", 443))
+    return _Spec(num_classes, "train", "test", {"train": 50_000, "test": 10_000}, 32, None, mean, std, servers)
+
+
 _SPECS = {
-    "cifar10": _Spec(
-        10,
-        "train",
-        "test",
-        {"train": 50_000, "test": 10_000},
-        32,
-        None,
-        augment.CIFAR10_MEAN,
-        augment.CIFAR10_STD,
-        download_from=(("storage.googleapis.com", 443), ("www.cs.toronto.edu", 443)),
-    ),
-    "cifar100": _Spec(
-        100,
-        "train",
-        "test",
-        {"train": 50_000, "test": 10_000},
-        32,
-        None,
-        augment.CIFAR100_MEAN,
-        augment.CIFAR100_STD,
-        download_from=(("storage.googleapis.com", 443), ("www.cs.toronto.edu", 443)),
-    ),
+    "cifar10": _cifar(10, augment.CIFAR10_MEAN, augment.CIFAR10_STD),
+    "cifar100": _cifar(100, augment.CIFAR100_MEAN, augment.CIFAR100_STD),
     "imagenet2012": _Spec(
         1000,
         "train",
