@@ -892,6 +892,11 @@ def _dtype(r: dict[str, Any]) -> str:
     return "bf16" if r["half_precision"] else "fp32"
 
 
+def _what_ran(r: dict[str, Any]) -> tuple:
+    """The first columns of a train-step table: model, image size, batch, dtype."""
+    return r["model"], r["image_size"], r["batch_size"], _dtype(r)
+
+
 def markdown(results: Sequence[dict[str, Any]]) -> str:
     """Markdown tables of benchmark results, one table per kind of measurement."""
     sections = []
@@ -904,10 +909,7 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         )  # fmt: skip
         rows = [
             (
-                r["model"],
-                r["image_size"],
-                r["batch_size"],
-                _dtype(r),
+                *_what_ran(r),
                 _variant(r),
                 _fmt(r["train_img_per_s"]),
                 _fmt(r.get("linen_train_img_per_s")),
@@ -1000,10 +1002,7 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         )  # fmt: skip
         rows = [
             (
-                r["model"],
-                r["image_size"],
-                r["batch_size"],
-                _dtype(r),
+                *_what_ran(r),
                 r["cpu_cores"],
                 _fmt(r["train_img_per_s"]),
                 _fmt(r["pipeline_img_per_s"]),
