@@ -20,7 +20,7 @@ from flax import nnx
 
 from resnet_jax.models import create_model, list_models, resolve_options
 from resnet_jax.models.blocks import BlockOptions, Bottleneck, PreActBasicBlock, PreActBottleneck
-from resnet_jax.models.layers import BatchNorm, Shortcut, space_to_depth_conv, subsample_and_pad
+from resnet_jax.models.layers import BatchNorm, Shortcut, max_pool, space_to_depth_conv, subsample_and_pad
 
 # Per-compilation XLA options for the many small train steps: they about halve CPU compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
@@ -244,6 +244,46 @@ def test_space_to_depth_conv_is_the_strided_conv(k, c, size):
     got = space_to_depth_conv(x, kernel)
     assert got.shape == want.shape == (2, size // 2, size // 2 + 1, 5)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "shape,window,stride,padding",
+    [((2, 9, 7, 3), 3, 2, 1), ((2, 8, 8, 3), 3, 2, 1), ((1, 10, 10, 2), 2, 2, 0), ((1, 11, 11, 2), 3, 1, 1)],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_is_nnx_max_pool(shape, window, stride, padding, dtype):
+    """max_pool gives nnx.max_pool's values and exactly its gradient, also with ties (the gradient
+    goes to the first maximum of a window, as select-and-scatter sends it) and negative inputs
+    next to the padding; forward-mode differentiation works too."""
+    rng = np.random.default_rng(sum(shape))
+    # Half-integers make many ties inside windows.
+    x = jnp.asarray(np.round(rng.normal(size=shape) * 2) / 2 - 1, dtype)
+
+    def reference(x):
+        return nnx.max_pool(x, (window, window), (stride, stride), ((padding, padding), (padding, padding)))
+
+    def ours(x):
+        return max_pool(x, window, stride, padding)
+
+    want, pull_want = jax.vjp(reference, x)
+    got, pull_got = jax.vjp(ours, x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert int(jnp.sum(x[:, :-1] == x[:, 1:])) > 0, "the input should have ties"
+    g = jnp.asarray(rng.integers(1, 5, size=want.shape), dtype)  # exact sums in bfloat16 too
+    np.testing.assert_array_equal(np.asarray(pull_got(g)[0], np.float32), np.asarray(pull_want(g)[0], np.float32))
+    _, tangent = jax.jvp(ours, (x,), (jnp.ones_like(x),))
+    np.testing.assert_array_equal(np.asarray(tangent, np.float32), np.ones(want.shape, np.float32))
+
+
+def test_max_pool_passes_nan_on():
+    """A NaN in a window makes its output NaN, as reduce_window's maximum does, so that the loss
+    shows it (a selection by equality alone would drop it)."""
+    x = jnp.zeros((1, 6, 6, 2)).at[0, 1, 1, 0].set(jnp.nan)
+    got, want = max_pool(x), nnx.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert bool(jnp.isnan(got[0, 0, 0, 0])) and not bool(jnp.isnan(got[0, 2, 2, 0]))
+    np.testing.assert_array_equal(got[..., 1], want[..., 1])
 
 
 def test_space_to_depth_stem_is_the_same_network():

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resnet_jax.models.blocks import BLOCKS, BlockOptions
-from resnet_jax.models.layers import conv, space_to_depth_conv
+from resnet_jax.models.layers import conv, max_pool, space_to_depth_conv
 
 
 class Stage(nnx.Module):
@@ -146,7 +146,7 @@ class ResNet(nnx.Module):
         if self.bn1 is not None:
             x = nnx.relu(self.bn1(x))
         if self.stem == "imagenet":
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, 3, stride=2, padding=1)
         return x
 
     def head_forward(self, x: jax.Array) -> jax.Array:
