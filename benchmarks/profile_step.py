@@ -19,11 +19,17 @@ Times, in one process and interleaved repeat by repeat (alternating the order):
 * ``ours_no_guard_const_lr`` (``..._plain_jit``): no guard, a constant learning rate (the
   baseline's; ours evaluates the schedule in the step), and also ``jax.jit`` without shardings;
 * ``ours_float_input``: our step fed float images normalised beforehand, as the baseline is;
-* ``--xla_options '{"label": {"xla_cpu_...": value}}'``: our step compiled with those XLA options;
-* ``linen``: the baseline of ``benchmarks/linen_resnet.py``.
+* ``ours_reduce_window_pool``: the ImageNet stem's max-pool as ``nnx.max_pool`` (reduce_window,
+  select-and-scatter gradient), as it was before ``resnet_jax.models.layers.max_pool``;
+* ``--xla_options '{"label": {"xla_cpu_...": value}}'``: our step compiled with those XLA options
+  too (every variant of ours is compiled with ``resnet_jax.train.compiler_options()``, as the
+  Trainer compiles it);
+* ``ours_default_xla``: our step compiled without the Trainer's compiler options;
+* ``linen``: the baseline of ``benchmarks/linen_resnet.py``; ``linen_cpu_options``: the same,
+  compiled with our compiler options.
 
-The variants only patch ``BatchNorm.__call__`` while tracing, or swap the step function (the
-package files are unchanged). Model options (``model.space_to_depth_stem``, ``remat``...) are
+The variants only patch ``BatchNorm.__call__`` or the stem's max-pool while tracing, or swap the
+step function (the package files are unchanged). Model options (``model.space_to_depth_stem``, ``remat``...) are
 compared with ``python -m resnet_jax.bench`` instead.
 For each it also prints what XLA compiled: FLOPs and bytes accessed (``cost_analysis``), temporary
 buffer bytes, and the number of fusions, convolutions and reductions in the optimized HLO.
@@ -48,9 +54,9 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from resnet_jax import bench  # noqa: E402
+from resnet_jax import bench, train  # noqa: E402
 from resnet_jax.data import model_input  # noqa: E402
-from resnet_jax.models import layers  # noqa: E402
+from resnet_jax.models import layers, resnet  # noqa: E402
 from resnet_jax.train import all_finite, guard_options, loss_and_grads, train_step  # noqa: E402
 
 _ORIGINAL_BN = layers.BatchNorm.__call__
@@ -82,6 +88,22 @@ def batchnorm(fn):
         yield
     finally:
         layers.BatchNorm.__call__ = _ORIGINAL_BN
+
+
+def reduce_window_pool(x, window=3, stride=2, padding=1):
+    """The stem's max-pool as ``nnx.max_pool`` computes it (and as the Linen baseline pools):
+    ``lax.reduce_window``, whose gradient XLA compiles to a select-and-scatter."""
+    return nnx.max_pool(x, (window, window), (stride, stride), ((padding, padding), (padding, padding)))
+
+
+@contextlib.contextmanager
+def stem_pool(fn):
+    original = resnet.max_pool
+    resnet.max_pool = fn
+    try:
+        yield
+    finally:
+        resnet.max_pool = original
 
 
 def _sgd_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing, pixels):
@@ -128,8 +150,9 @@ class Variant:
         label: str,
         base: bench.OurStep,
         *,
-        step_fn,
-        bn,
+        step_fn=train_step,
+        bn=_ORIGINAL_BN,
+        pool=None,
         const_lr: bool = False,
         shardings: bool = True,
         float_input: bool = False,
@@ -168,7 +191,9 @@ class Variant:
         if float_input:  # normalised beforehand, as the Linen baseline gets them
             images = jax.jit(model_input, static_argnums=1)(base.batch["image"], t.info.pixels)
             self.batch = dict(base.batch, image=images)
-        with batchnorm(bn):
+        if compiler_options is None:  # the Trainer's, as jitted for this backend
+            compiler_options = train.compiler_options()
+        with batchnorm(bn), stem_pool(pool or resnet.max_pool):
             self.compiled = jitted.lower(self.state, self.batch).compile(compiler_options=compiler_options)
 
     def step(self):
@@ -240,20 +265,21 @@ def main(argv=None):
     base = bench.OurStep(args)
     runners = []
     wanted = a.variants.split(",")
-    specs = {
-        "ours_guard_after": (train_step_guard_after, _ORIGINAL_BN),
-        "ours_no_guard": (train_step_no_guard, _ORIGINAL_BN),
-        "ours_reshaped_bn": (train_step, reshaped_bn),
-        "ours_cond_guard": (functools.partial(train_step, **guard_options(False, "cpu")), _ORIGINAL_BN),
-        "ours_select_guard": (functools.partial(train_step, **guard_options(False, "gpu")), _ORIGINAL_BN),
+    specs = {  # Variant's keyword arguments
+        "ours_guard_after": dict(step_fn=train_step_guard_after),
+        "ours_no_guard": dict(step_fn=train_step_no_guard),
+        "ours_reshaped_bn": dict(bn=reshaped_bn),
+        "ours_cond_guard": dict(step_fn=functools.partial(train_step, **guard_options(False, "cpu"))),
+        "ours_select_guard": dict(step_fn=functools.partial(train_step, **guard_options(False, "gpu"))),
         # The stopping step (flags only) with each way of checking, whatever the backend.
-        "ours_stop_fused": (functools.partial(train_step, skip_nonfinite=False, fuse_below=math.inf), _ORIGINAL_BN),
-        "ours_stop_per_leaf": (functools.partial(train_step, skip_nonfinite=False, fuse_below=0), _ORIGINAL_BN),
-        "ours_stop_by_size": (functools.partial(train_step, skip_nonfinite=False, fuse_below=2**16), _ORIGINAL_BN),
+        "ours_stop_fused": dict(step_fn=functools.partial(train_step, skip_nonfinite=False, fuse_below=math.inf)),
+        "ours_stop_per_leaf": dict(step_fn=functools.partial(train_step, skip_nonfinite=False, fuse_below=0)),
+        "ours_stop_by_size": dict(step_fn=functools.partial(train_step, skip_nonfinite=False, fuse_below=2**16)),
         # The rest of the Linen baseline's differences: a constant learning rate, jit without shardings.
-        "ours_no_guard_const_lr": (train_step_no_guard, _ORIGINAL_BN, True, True),
-        "ours_no_guard_const_lr_plain_jit": (train_step_no_guard, _ORIGINAL_BN, True, False),
-        "ours_float_input": (train_step, _ORIGINAL_BN, False, True, True),
+        "ours_no_guard_const_lr": dict(step_fn=train_step_no_guard, const_lr=True),
+        "ours_no_guard_const_lr_plain_jit": dict(step_fn=train_step_no_guard, const_lr=True, shardings=False),
+        "ours_float_input": dict(float_input=True),
+        "ours_reduce_window_pool": dict(pool=reduce_window_pool),
     }
     xla_options = json.loads(a.xla_options)
     wanted += list(xla_options)
@@ -263,12 +289,13 @@ def main(argv=None):
         elif label == "ours":
             r = base
         elif label in xla_options:
-            r = Variant(label, base, step_fn=train_step, bn=_ORIGINAL_BN, compiler_options=xla_options[label])
+            r = Variant(label, base, compiler_options={**train.compiler_options(), **xla_options[label]})
+        elif label == "ours_default_xla":
+            r = Variant(label, base, compiler_options={})
+        elif label == "linen_cpu_options":
+            r = bench.LinenStep(args, base, compiler_options=train.compiler_options(), label=label)
         else:
-            step_fn, bn, *rest = specs[label]
-            r = Variant(
-                label, base, step_fn=step_fn, bn=bn, **dict(zip(("const_lr", "shardings", "float_input"), rest))
-            )
+            r = Variant(label, base, **specs[label])
         stats = hlo_stats(r.compiled)
         stats["residual_mib"] = round(residual_bytes(r, base) / 2**20, 1)
         print(label, json.dumps(stats), flush=True)

@@ -366,16 +366,18 @@ def load_benchmark_module(name: str):
 
 
 class LinenStep:
-    """The Flax Linen baseline (benchmarks/linen_resnet.py) on the same device batch as ``ours``."""
+    """The Flax Linen baseline (benchmarks/linen_resnet.py) on the same device batch as ``ours``,
+    jitted as the Flax ImageNet example jits it (``compiler_options`` only for A/B studies)."""
 
-    label = "linen"
-
-    def __init__(self, args: argparse.Namespace, ours: OurStep):
+    def __init__(
+        self, args: argparse.Namespace, ours: OurStep, *, compiler_options: dict | None = None, label: str = "linen"
+    ):
         import jax
         import jax.numpy as jnp
 
         from resnet_jax import data
 
+        self.label = label
         linen = load_benchmark_module("linen_resnet")
         if linen is None:
             raise BenchError(f"{BENCHMARKS / 'linen_resnet.py'} not found")
@@ -388,7 +390,8 @@ class LinenStep:
         images = jax.jit(data.model_input, static_argnums=1)(ours.batch["image"], ours.trainer.info.pixels)
         self.batch = {"image": images, "label": ours.batch["label"]}
         t0 = time.perf_counter()
-        self.compiled = linen.make_train_step(args.num_classes).lower(self.state, self.batch).compile()
+        lowered = linen.make_train_step(args.num_classes).lower(self.state, self.batch)
+        self.compiled = lowered.compile(compiler_options=compiler_options)
         self.compile_s = time.perf_counter() - t0
 
     def step(self) -> None:
@@ -473,6 +476,8 @@ def interleaved_times(runners: Sequence[Any], *, steps: int, repeats: int, warmu
 def base_result(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
+    from resnet_jax.train import compiler_options
+
     out = {
         "model": args.model,
         "batch_size": args.batch_size,
@@ -491,6 +496,8 @@ def base_result(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "jax_version": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # what the Trainer compiles its steps with on this backend (resnet_jax.train.compiler_options)
+        "compiler_options": compiler_options(),
     }
     if args.devices_note is not None:
         note = f"{out['device']}, {out['cpu_cores']} CPU cores, XLA_FLAGS={out['xla_flags']!r}"
@@ -873,6 +880,7 @@ def _ratio(r: dict[str, Any], ref: str) -> str:
 def _variant(r: dict[str, Any]) -> str:
     """The XLA flags and non-default options of a run, for the tables."""
     parts = [f"`{f}`" for f in (r.get("xla_flags") or "").split() if "device_count" not in f]
+    parts += [f"`{k}={v}`" for k, v in (r.get("compiler_options") or {}).items()]
     if r.get("bn_group_size"):
         parts.append(f"bn_group_size={r['bn_group_size']}")
     if r.get("remat"):
