@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -41,6 +42,24 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _summary_writer():
+    """tensorboardX's ``SummaryWriter`` (imported lazily: library users do not need it).
+
+    tensorboardX imports torch at import time when torch is installed, only to accept torch
+    tensors: 4-5 s of every training process's start-up on a 2-core CPU. We log floats, so torch
+    is hidden while tensorboardX imports, unless the process has already imported it.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Logbook:
     """Appends metric rows. On resume at ``start_step`` the rows of later steps (written by the
     interrupted run, and about to be recomputed identically) are dropped first."""
@@ -53,9 +72,7 @@ class Logbook:
             return
         rows = [r for r in read_metrics(workdir) if r["step"] <= start_step]
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
-        from tensorboardX import SummaryWriter  # lazy: not needed by library users
-
-        self._tb = SummaryWriter(str(workdir))
+        self._tb = _summary_writer()(str(workdir))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
