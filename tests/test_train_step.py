@@ -213,9 +213,8 @@ def test_compiler_options_per_backend(monkeypatch):
     assert train.compiler_options("cpu") == {}
 
 
-def test_the_trainer_compiles_its_steps_with_the_options():
-    """Trainer.train_step and eval_step are jitted with compiler_options(): on the CPU their
-    compiled programs are those of the same functions jitted with the options, not without."""
+def tiny_trainer() -> train.Trainer:
+    """A Trainer of a width-4 cifar_resnet8 on 8x8 synthetic images, batch 8."""
     from resnet_jax import data
     from resnet_jax.config import get_base_config
     from resnet_jax.schedules import Durations
@@ -224,9 +223,17 @@ def test_the_trainer_compiles_its_steps_with_the_options():
     config.model.name, config.model.width, config.batch_size = "cifar_resnet8", 4, 8
     config.dataset.name, config.dataset.image_size, config.dataset.num_classes = "synthetic", 8, 10
     info = data.get_info(config.dataset)
-    trainer = train.Trainer(config, info, Durations.from_config(config, info.num_train))
+    return train.Trainer(config, info, Durations.from_config(config, info.num_train))
+
+
+def test_the_trainer_compiles_its_steps_with_the_options():
+    """Trainer.train_step and eval_step are jitted with compiler_options(): on the CPU their
+    compiled programs are those of the same functions jitted with the options, not without."""
+    from resnet_jax import data
+
+    trainer = tiny_trainer()
     state = trainer.init_state()
-    b = data.synthetic_global_batch(config.dataset, 8, trainer.batch_sharding, seed=0)
+    b = data.synthetic_global_batch(trainer.config.dataset, 8, trainer.batch_sharding, seed=0)
     options = train.compiler_options()
     assert options, "the CPU has options"
     for jitted, args in [
@@ -236,3 +243,21 @@ def test_the_trainer_compiles_its_steps_with_the_options():
         fn = jitted.__wrapped__
         with_options = _ynn_fusions(jax.jit(fn, compiler_options=options), *args)
         assert _ynn_fusions(jitted, *args) == with_options != _ynn_fusions(jax.jit(fn), *args)
+
+
+def test_the_initialisation_is_compiled_light_to_the_same_values(monkeypatch):
+    """Trainer.init_state compiles with init_compiler_options() (LLVM -O1 on the CPU, for compile
+    time): its state is bit for bit the one that XLA's default -O3 computes, and the options do
+    reach that compile (an option this jaxlib does not know makes it fail)."""
+    assert train.init_compiler_options("cpu") == train.CPU_INIT_COMPILER_OPTIONS
+    assert train.init_compiler_options("gpu") == {}
+    trainer = tiny_trainer()
+    light = trainer.init_state()
+    lowered = jax.jit(trainer._init, out_shardings=trainer.state_shardings).lower()
+    default = lowered.compile(compiler_options={"xla_backend_optimization_level": 3})()
+    assert jax.tree.structure(light) == jax.tree.structure(default)
+    for a, b in zip(jax.tree.leaves(light), jax.tree.leaves(default)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    monkeypatch.setattr(train, "init_compiler_options", lambda: {"xla_cpu_no_such_option_anywhere": True})
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        trainer.init_state()

@@ -288,15 +288,27 @@ def train_batch(dataset_cfg, batch_size: int, *, seed: int, step: int = 0) -> di
 
 
 def init_model(name: str, num_classes: int, *, seed: int = 0, **options):
-    """A freshly initialised zoo model; a bad name or option is a one-line ``UserError``."""
+    """A freshly initialised zoo model; a bad name or option is a one-line ``UserError``.
+
+    The initialisation runs as one compiled program (with the Trainer's initialisation compiler
+    options), not op by op: eagerly, every parameter shape compiles its own random kernels, which
+    takes seconds per shape on a CPU.
+    """
+    import jax
     from flax import nnx
 
     from resnet_jax.models import create_model
+    from resnet_jax.train import init_compiler_options
+
+    def create():
+        return create_model(name, num_classes=num_classes, rngs=nnx.Rngs(seed), **options)
 
     try:
-        return create_model(name, num_classes=num_classes, rngs=nnx.Rngs(seed), **options)
+        graphdef = nnx.graphdef(nnx.eval_shape(create))
     except ValueError as e:
         raise UserError(str(e)) from None
+    state = jax.jit(lambda: nnx.state(create()), compiler_options=init_compiler_options())()
+    return nnx.merge(graphdef, state)
 
 
 class RunLoader:
@@ -342,7 +354,6 @@ class RunLoader:
 
     def model(self, step: int):
         """The network of checkpoint ``step`` (eval mode: BatchNorm uses its running statistics)."""
-        from flax import nnx
 
         from resnet_jax.checkpointing import Checkpointer
 
@@ -351,12 +362,14 @@ class RunLoader:
             state = ckpt.restore(step, self.trainer.abstract_state)
         finally:
             ckpt.close()
-        return nnx.merge(self.trainer.graphdef_eval, state["params"], state["batch_stats"], copy=True)
+        return self._network(state)
 
     def init(self):
-        """The network as the run initialised it (its seed), before step 1, in eval mode."""
-        from resnet_jax.train import build_model
+        """The network as the run initialised it (the Trainer's own initialisation, from the run's
+        seed), before step 1, in eval mode."""
+        return self._network(self.trainer.init_state())
 
-        model = build_model(self.config, self.info.num_classes, seed=self.config.seed)
-        model.eval()
-        return model
+    def _network(self, state):
+        from flax import nnx
+
+        return nnx.merge(self.trainer.graphdef_eval, state["params"], state["batch_stats"], copy=True)
