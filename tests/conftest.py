@@ -1,8 +1,22 @@
 """Shared pytest fixtures."""
 
+import os
+import shutil
 import sys
+import tempfile
 
 import pytest
+
+# In-process tests compile with LLVM's -O1 instead of XLA:CPU's default -O3 (set before JAX starts
+# its backend). Why: the random initialisers' kernels take -O3 seconds per parameter shape to
+# compile (an eager create_model of a width-4 cifar_resnet8: 20 s against 4 s), and these tests
+# build hundreds of tiny models. The computed values are the same (resnet_jax.train uses -O1 for
+# its initialisation and tests/test_train_step.py checks it bit for bit). The CLI subprocesses
+# (tests/cli_env.py) keep XLA's defaults, as a user's run has them.
+_FAST_LLVM = "--xla_backend_optimization_level=1"
+if _FAST_LLVM not in os.environ.get("XLA_FLAGS", ""):  # (xdist workers inherit the controller's)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_LLVM}".strip()
+_OWN_CACHE: list[str] = []
 
 # torch imports its optional GPU compiler, triton, on first use of torchvision; in a process where
 # TensorFlow is already loaded that import segfaults (seen when xdist ran tests/test_data.py before
@@ -10,10 +24,31 @@ import pytest
 sys.modules.setdefault("triton", None)
 
 
+def pytest_configure(config):
+    """One persistent JAX compilation cache for the whole test run: the tests in both xdist
+    workers and the CLI subprocesses they start. Why: many tests compile the same programs (the
+    same tiny train step under several guards, the same CLI run in several reliability tests);
+    a compile served from the cache costs its tracing only. Made by the first pytest process (the
+    xdist controller, or pytest alone), inherited by the workers through the environment (they
+    start later), removed when that process ends. The cache key covers the XLA flags and compile
+    options, so programs compiled with other options never share an entry.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _OWN_CACHE.append(tempfile.mkdtemp(prefix="resnet_jax-tests-jax-cache-"))
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE[0]
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_unconfigure(config):
+    for path in _OWN_CACHE:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> str:
-    """A JAX compilation cache for the CLI subprocesses (see tests/cli_env.py)."""
-    return str(tmp_path_factory.getbasetemp() / "jax-cache")
+def jax_cache() -> str:
+    """The run's JAX compilation cache, for the CLI subprocesses (see tests/cli_env.py)."""
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 @pytest.fixture(scope="module")
