@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_env import user_env
 from flax import nnx
 
 from resnet_jax.analysis import curves, gradient_flow, layer_responses, results_table
@@ -228,7 +229,7 @@ def test_cli_errors_without_runs(tmp_path, capsys):
 
 
 def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = user_env()
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_env import user_env
 
 from resnet_jax import bench
 from resnet_jax.summary import abstract_model, count_params
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = user_env()
     return subprocess.run(
         [sys.executable, "-m", "resnet_jax.bench", *args],
         cwd=ROOT,

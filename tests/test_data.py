@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from cli_env import user_env
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -273,7 +274,7 @@ def test_exit_waits_for_the_prefetcher_to_close_its_source(tmp_path):
         batches.close()
         """
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = user_env()
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
     )
@@ -296,7 +297,7 @@ def test_importing_data_and_digits_does_not_import_tensorflow():
         assert not loaded, loaded
         """
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = user_env()
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
     )

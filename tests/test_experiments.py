@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 from absl import flags
+from cli_env import user_env
 from ml_collections import config_flags
 
 from resnet_jax import sweep
@@ -101,7 +101,7 @@ def test_sweep_runs_and_skips_finished(tmp_path):
     """A run trains in its own seed workdir; started again with two seeds, the sweep skips the
     finished run and would run only the new seed."""
     path, root = write_sweep(tmp_path), tmp_path / "runs"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = user_env()
     cmd = [sys.executable, "-m", "resnet_jax.sweep", str(path), "--root", str(root)]
     p = subprocess.run([*cmd, "--seeds", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -133,7 +133,7 @@ def test_sweep_bad_file(capsys):
 
 def test_demo_writes_figure_and_tables(tmp_path):
     """The main job end to end at a tiny budget: four runs, the figure, results.md and results.json."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = user_env()
     cmd = [sys.executable, "-m", "resnet_jax.demo", f"--workdir={tmp_path}", "--num_steps=2"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_env import user_env
 
 from resnet_jax.logbook import read_metrics
 
@@ -32,9 +33,7 @@ def run_cli(
     module: str, *args: str, devices: int = 1, env: dict | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
     """Runs ``python -m module args`` with ``devices`` simulated CPU devices."""
-    e = dict(
-        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **(env or {})
-    )
+    e = user_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout
     )
@@ -105,7 +104,7 @@ def run_processes(args: list[str], n: int = 2, timeout: int = 300) -> list[tuple
     gloo collectives); returns each one's (exit status, stderr)."""
     port = free_port()
     procs = []
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = user_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     try:
         for i in range(n):
             distributed = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}"]
