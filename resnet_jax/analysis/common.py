@@ -354,7 +354,6 @@ class RunLoader:
 
     def model(self, step: int):
         """The network of checkpoint ``step`` (eval mode: BatchNorm uses its running statistics)."""
-
         from resnet_jax.checkpointing import Checkpointer
 
         ckpt = Checkpointer(self.workdir, read_only=True)
