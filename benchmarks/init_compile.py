@@ -61,8 +61,17 @@ def main(argv=None) -> None:
 
     import numpy as np
 
+    from resnet_jax.models import resolve_options
+
+    models = a.models.split(",")
+    for model in models:  # a bad name: one line, before any subprocess starts
+        try:
+            resolve_options(model)
+        except ValueError as e:
+            print(f"error: --models: {e}", file=sys.stderr)
+            sys.exit(2)
     with tempfile.TemporaryDirectory() as d:
-        for model in a.models.split(","):
+        for model in models:
             rows = {}
             for options in ("ours", "xla_default"):
                 out = f"{d}/{model}-{options}.npz"
