@@ -282,6 +282,35 @@ def test_exit_waits_for_the_prefetcher_to_close_its_source(tmp_path):
     assert done.exists(), "the process exited before the producer thread closed its source"
 
 
+def test_digits_are_scikit_learns_with_its_split():
+    """The file read without scikit-learn holds load_digits()'s images and labels, and the stored
+    split is train_test_split's for the module's seed (train and test, in its order)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    reference = load_digits()
+    raw, target = digits._raw_digits()
+    np.testing.assert_array_equal(raw, reference.images)
+    np.testing.assert_array_equal(target, reference.target)
+    train, test = train_test_split(
+        np.arange(len(target)), test_size=digits.NUM_TEST, stratify=target, random_state=digits._SPLIT_SEED
+    )
+    stored_train, stored_test = digits.split_indices()
+    np.testing.assert_array_equal(stored_train, train)
+    np.testing.assert_array_equal(stored_test, test)
+    loaded = digits._load(8)
+    np.testing.assert_array_equal(loaded["train_label"], reference.target[train])
+    np.testing.assert_array_equal(loaded["test_label"], reference.target[test])
+
+
+def test_digits_without_scikit_learns_file_fall_back_to_load_digits(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    raw, target = digits._raw_digits()
+    assert raw.shape == (1797, 8, 8) and target.shape == (1797,) and raw.max() == 16
+
+
 def test_importing_data_and_digits_does_not_import_tensorflow():
     code = textwrap.dedent(
         """
@@ -293,7 +322,7 @@ def test_importing_data_and_digits_does_not_import_tensorflow():
             data.get_info(cfg)
             next(data.train_batches(cfg, global_batch_size=8, seed=0))
             next(data.eval_batches(cfg, global_batch_size=8))
-        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets"))
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets", "sklearn"))
         assert not loaded, loaded
         """
     )

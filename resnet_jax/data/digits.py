@@ -1,10 +1,11 @@
 """scikit-learn's bundled 8x8 handwritten digits: a dataset that trains to >97% in a minute on a CPU.
 
 1,797 grey images (pixel values 0..16) in 10 classes, shipped inside scikit-learn, so no download
-is ever needed. This module never imports TensorFlow.
+is ever needed. This module never imports TensorFlow, nor scikit-learn unless its data file moved.
 
-* Split: a fixed stratified split, 1,437 train / 360 test. Its seed is a constant of this module,
-  not the run seed, so every run evaluates on the same 360 images.
+* Split: a fixed stratified split, 1,437 train / 360 test, stored in ``digits_split.txt``
+  (scikit-learn's ``train_test_split`` with a seed that is a constant of this module, not the run
+  seed), so every run evaluates on the same 360 images.
 * Preprocessing: pixels / 16, standardised with the mean and standard deviation of the training
   pixels, optionally resized (bilinear) to ``image_size``, the grey channel replicated to RGB.
 * Train order: epoch ``e`` is the permutation ``np.random.default_rng([seed, e]).permutation(n)``.
@@ -22,6 +23,8 @@ is ever needed. This module never imports TensorFlow.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import pathlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,18 +60,48 @@ def _linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
+# The split, stored: the 1,437 train then 360 test indices into load_digits(), in pipeline order.
+_SPLIT_FILE = pathlib.Path(__file__).with_name("digits_split.txt")
+
+
+def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images [1797, 8, 8] float64 (0..16) and labels [1797] int32.
+
+    Read from the CSV file scikit-learn ships (what ``load_digits`` reads), found without importing
+    scikit-learn: the import (scipy.stats included) cost 2.5 s of every digits process, training
+    runs and the CLI's bad-input checks alike. If the file is not where it was, ``load_digits``.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    path = pathlib.Path(roots[0] if roots else "/nonexistent") / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        table = np.loadtxt(path, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int32)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images.astype(np.float64), digits.target.astype(np.int32)
+
+
+def split_indices() -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices into the digits, in the order the pipeline uses them.
+
+    The stratified split of ``sklearn.model_selection.train_test_split(test_size=360,
+    random_state=_SPLIT_SEED)``, stored in ``digits_split.txt`` so that it cannot move with a
+    scikit-learn release (tests/test_data.py checks it against scikit-learn's).
+    """
+    lines = _SPLIT_FILE.read_text().splitlines()
+    order = np.array(" ".join(ln for ln in lines if not ln.startswith("#")).split(), np.int64)
+    return order[:-NUM_TEST], order[-NUM_TEST:]
+
+
 @functools.lru_cache(maxsize=4)
 def _load(image_size: int) -> dict[str, np.ndarray]:
     """Loads, splits, normalises and resizes the digits once per image size (cached: ~1 MB)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = digits.images.astype(np.float64) / 16.0  # [1797, 8, 8] in [0, 1]
-    labels = digits.target.astype(np.int32)
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, labels, test_size=NUM_TEST, stratify=labels, random_state=_SPLIT_SEED
-    )
+    raw, target = _raw_digits()
+    images = raw / 16.0  # [1797, 8, 8] in [0, 1]
+    train, test = split_indices()
+    train_x, test_x, train_y, test_y = images[train], images[test], target[train], target[test]
     mean, std = train_x.mean(), train_x.std()
 
     def prepare(x: np.ndarray) -> np.ndarray:
