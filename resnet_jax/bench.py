@@ -1,7 +1,7 @@
 """Benchmarks of the real train step: throughput, compile time, memory, MFU, and side-by-side references.
 
     python -m resnet_jax.bench --model NAME --batch_size N [--image_size S] [--half_precision]
-        [--steps K] [--warmup W] [--repeats R] [--remat] [--bn_group_size G] [--s2d_stem] [--json]
+        [--steps K] [--warmup W] [--repeats R] [--remat] [--bn_group_size G] [--s2d_stem] [--width C] [--json]
         [--compare] [--no_torch] [--remat_compare] [--bn_compare --devices 8] [--input_fed]
         [--xla_gpu_flags [FLAGS]] [--xla_flags FLAGS] [--peak_tflops T] [--devices_note [TEXT]]
     python -m resnet_jax.bench --input_pipeline [--cores C]
@@ -224,6 +224,7 @@ def bench_config(args: argparse.Namespace, *, remat: bool | None = None, bn_grou
     c.model.bn_group_size = args.bn_group_size if bn_group_size == "args" else bn_group_size
     c.model.scan_blocks = args.scan_blocks
     c.model.space_to_depth_stem = args.s2d_stem
+    c.model.width = args.width
     c.dataset.name = "synthetic"
     c.dataset.image_size = args.image_size
     c.dataset.num_classes = args.num_classes
@@ -382,7 +383,7 @@ class LinenStep:
         if linen is None:
             raise BenchError(f"{BENCHMARKS / 'linen_resnet.py'} not found")
         dtype = jnp.bfloat16 if args.half_precision else jnp.float32
-        self.model = linen.create_model(args.model, num_classes=args.num_classes, dtype=dtype)
+        self.model = linen.create_model(args.model, num_classes=args.num_classes, dtype=dtype, width=args.width)
         state = linen.create_train_state(self.model, args.image_size, seed=args.seed)
         self.params = linen.count_params({"params": state.params})
         self.state = jax.device_put(state, ours.trainer.replicated)
@@ -488,6 +489,7 @@ def base_result(args: argparse.Namespace) -> dict[str, Any]:
         "bn_group_size": args.bn_group_size,
         "scan_blocks": args.scan_blocks,
         "space_to_depth_stem": args.s2d_stem,
+        "width": args.width,
         "device": describe_devices(),
         "devices": jax.device_count(),
         "cpu_cores": cpu_cores(),
@@ -887,6 +889,8 @@ def _variant(r: dict[str, Any]) -> str:
         parts.append("remat")
     if r.get("space_to_depth_stem"):
         parts.append("space_to_depth_stem")
+    if r.get("width"):
+        parts.append(f"width={r['width']}")
     return ", ".join(parts) or "defaults"
 
 
@@ -1085,6 +1089,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn_group_size", type=int, default=None, help="images per BN statistics group")
     p.add_argument("--scan_blocks", default="auto", choices=("auto", "true", "false"), help="model.scan_blocks")
     p.add_argument("--s2d_stem", action="store_true", help="model.space_to_depth_stem (ImageNet nets)")
+    p.add_argument("--width", type=int, default=None, help="model.width, base channels (default: the family's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="end the output with one JSON line")
     p.add_argument("--compare", action="store_true", help="also time the Linen baseline and torch, interleaved")
@@ -1128,7 +1133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     """Checks the arguments (and the model name) before any heavy work; raises BenchError."""
-    for key in ("batch_size", "image_size", "num_classes", "bn_group_size", "devices", "cores", "repeats"):
+    for key in ("batch_size", "image_size", "num_classes", "bn_group_size", "devices", "cores", "repeats", "width"):
         v = getattr(args, key)
         if v is not None and v < 1:
             raise BenchError(f"--{key}={v}; must be a positive integer")
@@ -1138,6 +1143,8 @@ def validate(args: argparse.Namespace) -> None:
         raise BenchError("--compare and --bn_compare time steps: use --steps >= 1")
     if args.input_pipeline or args.sweep:
         return
+    if args.width is not None and args.compare and not args.no_torch:
+        raise BenchError("--width applies to ours and the Linen baseline, not to torchvision: add --no_torch")
     if args.input_fed and (args.steps == 0 or args.remat_compare or args.bn_compare):
         raise BenchError("--input_fed times steps of the default mode: use --steps >= 1, without the *_compare modes")
     if args.input_fed and args.model.startswith("cifar") and args.image_size != 32:
@@ -1146,7 +1153,11 @@ def validate(args: argparse.Namespace) -> None:
 
     try:
         resolve_options(
-            args.model, remat=args.remat, bn_group_size=args.bn_group_size, space_to_depth_stem=args.s2d_stem
+            args.model,
+            remat=args.remat,
+            bn_group_size=args.bn_group_size,
+            space_to_depth_stem=args.s2d_stem,
+            width=args.width,
         )
     except ValueError as e:
         raise BenchError(str(e).strip().splitlines()[0]) from None
