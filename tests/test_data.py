@@ -238,10 +238,7 @@ def test_to_global_and_prefetch():
     source = data.train_batches(dataset_cfg(name="digits"), global_batch_size=16, seed=0)
     infinite = data.prefetch(source, sharding)
     next(infinite)
-    infinite.close()  # stops the producer thread, which closes the source
-    deadline = time.monotonic() + 10
-    while any(t.name == "resnet_jax-prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    infinite.close()  # stops the producer thread, which closes the source, and waits for it
     assert not any(t.name == "resnet_jax-prefetch" for t in threading.enumerate())
     with pytest.raises(StopIteration):
         next(source)

@@ -83,8 +83,8 @@ def prefetch(iterator: Iterable[dict[str, Any]], sharding: jax.sharding.Sharding
 
     Returns:
         An iterator of global batches, in the order of ``iterator``. An exception raised by
-        ``iterator`` or by the transfer is re-raised by it. Closing it (or dropping it) stops the
-        thread.
+        ``iterator`` or by the transfer is re-raised by it. Closing it stops the thread and waits
+        until the source is closed; dropping it stops the thread.
     """
     if size < 1:
         raise ValueError(f"prefetch size must be >= 1, got {size}.")
@@ -138,6 +138,10 @@ def prefetch(iterator: Iterable[dict[str, Any]], sharding: jax.sharding.Sharding
                 yield item
         finally:
             stop.set()
+            # Closing returns once the producer has closed the source: a caller that closes and
+            # then exits never leaves this thread inside TensorFlow while the process tears down.
+            if threading.current_thread() is not thread:
+                thread.join(timeout=10.0)
 
     batches = consume()
     weakref.finalize(batches, stop.set)  # also stop when dropped without ever being started
