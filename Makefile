@@ -12,15 +12,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip -q
 
-# --no-compile: pip byte-compiles every module it installs (TensorFlow, and torch's for the tests),
-# a third of the install time; Python compiles the few it imports on first use instead.
 $(VENV)/.installed: $(BIN)/python requirements.txt pyproject.toml
-	$(BIN)/pip install -q --no-compile -r requirements.txt
-	$(BIN)/pip install -q --no-compile --no-deps -e .
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q --no-compile -e ".[test,torch]"
+	$(BIN)/pip install -q -e ".[test,torch]"
 	touch $@
 
 install: $(VENV)/.installed
