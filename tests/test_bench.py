@@ -62,7 +62,7 @@ def test_cli_json_line():
 def test_fed_by_the_input_pipeline_with_a_space_to_depth_stem():
     """--input_fed: the same compiled step fed uint8 batches by the ImageNet-style tf.data pipeline
     (generated JPEGs) through prefetch; --s2d_stem under the Trainer's batch sharding over 2 devices;
-    --width (a narrow resnet18: the compile of the full width took most of this test's time)."""
+    --width (a narrow resnet18; the test's time is TensorFlow and the compile, not the width)."""
     p = run_bench(
         "--model=resnet18",
         "--width=8",
