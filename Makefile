@@ -8,17 +8,29 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test lint format install install-test clean
 
+# uv installs wheels in parallel: the test install takes about 80 s on a 2-core machine against
+# pip's 200 s. uv does not read pip's configuration, so the extra indexes and wheel directories
+# pip is configured with (pip.conf, PIP_FIND_LINKS) are passed on, with pip's rule of taking the
+# best version over all indexes. --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set, a venv
+# without .pyc files compiles TensorFlow, JAX and torch from source in every process (imports of
+# 30 s instead of 14 s).
+PIP_INDEXES = $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)
+PIP_LINKS = $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV_INSTALL = $(BIN)/uv pip install --python $(BIN)/python -q --no-cache --compile-bytecode \
+	--index-strategy unsafe-best-match $(foreach u,$(PIP_INDEXES),--extra-index-url=$(u)) \
+	$(foreach d,$(PIP_LINKS),--find-links=$(d))
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip -q
+	$(BIN)/pip install -q uv==0.13.9
 
 $(VENV)/.installed: $(BIN)/python requirements.txt pyproject.toml
-	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(UV_INSTALL) -r requirements.txt
+	$(UV_INSTALL) --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[test,torch]"
+	$(UV_INSTALL) -e ".[test,torch]"
 	touch $@
 
 install: $(VENV)/.installed
