@@ -263,3 +263,24 @@ def test_fresh_sets_the_old_run_aside(results):
     assert json.loads((wd / "config.json").read_text())["model"]["zero_init_last_bn"] is False
     assert json.loads((wd / "run_info.json").read_text())["resumed_from"] == 0
     assert sorted(os.listdir(wd / "checkpoints")) == ["16"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--config.nope=1"], "unknown config key 'nope'"),
+        (["--config.batch_size=abc"], "--config.batch_size=abc"),
+        (["--config=experiments/no_such_file.py"], "No such file or directory"),
+        ([], "--workdir is required"),
+    ],
+)
+def test_command_line_errors_come_before_jax_is_imported(tmp_path, args, needle):
+    """The trainer checks its command line before it imports JAX, Flax or Orbax (a typo is
+    answered in a fraction of a second): here those packages are made unimportable."""
+    for name in ("jax", "flax", "orbax", "tensorflow"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} was imported')\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    argv = ["-m", "resnet_jax.train", "--config=experiments/digits.py", *args]
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert_one_line_error(p, needle, max_lines=1)
