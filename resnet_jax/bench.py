@@ -60,7 +60,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+
+from resnet_jax import cli
 
 # Overlap the gradient all-reduce with the backward pass (shared/reference/performance.md). CUDA
 # graphs (--xla_gpu_enable_command_buffer) and autotuning are left at XLA's defaults.
@@ -1070,13 +1072,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 # --- CLI --------------------------------------------------------------------------------------
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _ArgumentParser(prog="python -m resnet_jax.bench", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m resnet_jax.bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet50", help="a model of the zoo, e.g. resnet18, cifar_resnet56")
     p.add_argument("--batch_size", type=int, default=32, help="global batch (split over the devices)")
     p.add_argument("--image_size", type=int, default=None, help="default 224; 32 for CIFAR nets")

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from absl import app, flags
 
@@ -18,6 +20,32 @@ def fail(message: str) -> None:
     """Prints ``error: message`` (one line) and exits with status 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors are one line, ``error: ...``, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the whole usage block first; the project's tools print one line.
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def _flags_problem(e: flags.Error) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else "bad flags"
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a bad flag as one ``error: ...`` line and exit 2 (absl itself
+    prints "FATAL Flags parsing error" and a hint, and exits 1)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{_flags_problem(e)} (see --help)")
+
+
+def run(main) -> None:
+    """``absl.app.run(main)`` with ``parse_flags``: the entry point of the absl-flag tools."""
+    app.run(main, flags_parser=parse_flags)
 
 
 def guarded(fn):
@@ -147,7 +175,7 @@ def _parse_flags(argv):
     try:
         parsed = flags.FLAGS(argv)
     except flags.Error as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else "bad flags"
+        msg = _flags_problem(e)
         if "--config." in msg:
             msg += "; give a value of the key's type (the keys and their defaults are in resnet_jax/config.py)"
         fail(msg)

@@ -21,19 +21,19 @@ is ignored. torch is imported only to read a ``.pth`` (``read_pth``), never on i
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resnet_jax import cli
 from resnet_jax.errors import UserError
 from resnet_jax.models.blocks import Bottleneck
 from resnet_jax.models.resnet import ResNet
@@ -313,12 +313,6 @@ def read_pth(path: str | Path) -> Mapping[str, Any]:
     raise UserError(f"{path} holds a {type(obj).__name__}, not a state_dict")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line and exit 2, like every other error of this CLI (argparse prints usage first).
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def convert(model_name: str, pth: str | Path, out: str | Path, num_classes: int = 1000) -> ResNet:
     """The CLI's work: read ``pth``, load it into ``model_name``, write ``out``. Raises UserError."""
     out_path = Path(out).expanduser()
@@ -333,7 +327,7 @@ def convert(model_name: str, pth: str | Path, out: str | Path, num_classes: int 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0, or 2 after a one-line ``error: ...``)."""
-    parser = _ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m resnet_jax.convert",
         description="Convert a torchvision ResNet .pth into a resnet_jax Orbax checkpoint.",
     )

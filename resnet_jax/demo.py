@@ -17,7 +17,7 @@ import pathlib
 import runpy
 import time
 
-from absl import app, flags
+from absl import flags
 
 from resnet_jax import cli
 from resnet_jax.errors import UserError
@@ -119,7 +119,7 @@ def _main(argv) -> None:
 
 
 def main():
-    app.run(_main)
+    cli.run(_main)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
 from resnet_jax import cli
 from resnet_jax.errors import UserError
@@ -39,7 +39,7 @@ def _main(argv) -> None:
 
 
 def main():
-    app.run(_main)
+    cli.run(_main)
 
 
 if __name__ == "__main__":

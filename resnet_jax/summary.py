@@ -20,12 +20,13 @@ import dataclasses
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resnet_jax import cli
 from resnet_jax.models import ResNet, create_model, resolve_options
 
 # Defaults by family: CIFAR networks are summarised on CIFAR-10 (as in the papers' tables).
@@ -287,12 +288,6 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line and exit 2, like the other errors (argparse would print the usage first).
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _scan_flag(value: str) -> str | bool:
     choices = {"auto": "auto", "true": True, "false": False}
     if value.lower() not in choices:
@@ -302,7 +297,7 @@ def _scan_flag(value: str) -> str | bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0, or 2 after a one-line ``error: ...``)."""
-    parser = _ArgumentParser(prog="python -m resnet_jax.summary", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m resnet_jax.summary", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="model name, e.g. resnet50, cifar_resnet110, cifar_preact_resnet1001")
     parser.add_argument("--image_size", type=int, default=None, help="input size (default 224; 32 for CIFAR nets)")
     parser.add_argument("--num_classes", type=int, default=None, help="classes (default 1000; 10 for CIFAR nets)")

@@ -12,7 +12,6 @@ resume from their checkpoints).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import runpy
@@ -89,7 +88,7 @@ def slurm_script(jobs: list[tuple[pathlib.Path, list[str]]], log_dir: pathlib.Pa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m resnet_jax.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("sweep", help="sweep file with get_sweep()")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--root", default=None, help="runs go to ROOT/<name>/seed<k> (default runs/<sweep file name>)")

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from cli_env import env_for
+from cli_env import env_for, user_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASE = [
@@ -284,3 +284,19 @@ def test_command_line_errors_come_before_jax_is_imported(tmp_path, args, needle)
     argv = ["-m", "resnet_jax.train", "--config=experiments/digits.py", *args]
     p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert_one_line_error(p, needle, max_lines=1)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["-m", "resnet_jax.demo", "--num_steps=x"], "--num_steps=x"),
+        (["-m", "resnet_jax.evaluate", "--checkpoints=best"], "Unknown command line flag 'checkpoints'"),
+        (["-m", "resnet_jax.sweep"], "required: sweep"),
+        (["-m", "resnet_jax.sweep", "experiments/sweep_cifar10.py", "--seeds=two"], "--seeds: invalid int value: 'two'"),
+    ],
+)
+def test_bad_flags_of_the_other_tools_are_one_line(argv, needle):
+    """absl's own handling prints "FATAL Flags parsing error" with a hint and exits 1, argparse's a
+    usage block: the tools print one ``error:`` line and exit 2 as the trainer does."""
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=60)
+    assert_one_line_error(p, needle, "(see --help)", max_lines=1)

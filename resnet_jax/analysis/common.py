@@ -7,7 +7,6 @@ tools that only read ``metrics.jsonl`` and ``config.json`` (curves, results_tabl
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -15,7 +14,7 @@ import pathlib
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from resnet_jax.errors import UserError
 from resnet_jax.workdir import CONFIG_FILE, load_config_dict
@@ -35,14 +34,6 @@ PLOT_STYLE = {
     "axes.spines.top": False,
     "axes.spines.right": False,
 }
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """An ``argparse`` parser whose errors are one line, ``error: ...``, and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        # argparse would print the whole usage block first; the project's tools print one line.
-        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
 
 
 def run_main(body: Callable[[], int | None]) -> int:

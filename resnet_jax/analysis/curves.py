@@ -18,6 +18,7 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Mapping, Sequence
 
+from resnet_jax import cli
 from resnet_jax.analysis import common
 from resnet_jax.errors import UserError
 from resnet_jax.logbook import METRICS_FILE, read_metrics
@@ -100,7 +101,7 @@ def plot_error_curves(
 
 
 def _parser() -> common.ArgumentParser:
-    p = common.ArgumentParser(prog="python -m resnet_jax.analysis.curves", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m resnet_jax.analysis.curves", description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="training run directories")
     p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: the model names)")
     p.add_argument("--out", required=True, help="the PNG to write")

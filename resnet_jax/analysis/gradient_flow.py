@@ -42,6 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from resnet_jax import cli
 from resnet_jax.analysis import common
 from resnet_jax.analysis.layer_responses import add_model_arguments, model_options
 from resnet_jax.errors import UserError
@@ -167,7 +168,7 @@ def plot_gradient_norms(
 
 
 def _parser() -> common.ArgumentParser:
-    p = common.ArgumentParser(prog="python -m resnet_jax.analysis.gradient_flow", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m resnet_jax.analysis.gradient_flow", description=__doc__.split("\n")[0])
     g = p.add_argument_group("trained runs")
     g.add_argument("--runs", "--workdir", nargs="+", default=[], metavar="DIR", help="training run directories")
     g.add_argument(

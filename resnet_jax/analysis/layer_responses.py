@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resnet_jax import cli
 from resnet_jax.analysis import common
 from resnet_jax.errors import UserError
 
@@ -192,7 +193,7 @@ def model_options(args) -> dict:
 
 
 def _parser() -> common.ArgumentParser:
-    p = common.ArgumentParser(prog="python -m resnet_jax.analysis.layer_responses", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m resnet_jax.analysis.layer_responses", description=__doc__.split("\n")[0])
     g = p.add_argument_group("trained runs")
     g.add_argument("--runs", "--workdir", nargs="+", default=[], metavar="DIR", help="training run directories")
     g.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint step (default latest)")

@@ -34,6 +34,7 @@ import statistics
 import sys
 from collections.abc import Iterable, Sequence
 
+from resnet_jax import cli
 from resnet_jax.analysis import common
 from resnet_jax.errors import UserError
 from resnet_jax.logbook import METRICS_FILE, read_metrics
@@ -301,7 +302,7 @@ def to_latex(rows: Sequence[Row]) -> str:
 
 
 def _parser() -> common.ArgumentParser:
-    p = common.ArgumentParser(prog="python -m resnet_jax.analysis.results_table", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m resnet_jax.analysis.results_table", description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", default=[], metavar="DIR", help="training run directories")
     p.add_argument("--root", default=None, help="use every run directory below this folder")
     p.add_argument("--markdown", default=None, help="write the markdown table to this .md file")
