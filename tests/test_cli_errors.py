@@ -292,7 +292,10 @@ def test_command_line_errors_come_before_jax_is_imported(tmp_path, args, needle)
         (["-m", "resnet_jax.demo", "--num_steps=x"], "--num_steps=x"),
         (["-m", "resnet_jax.evaluate", "--checkpoints=best"], "Unknown command line flag 'checkpoints'"),
         (["-m", "resnet_jax.sweep"], "required: sweep"),
-        (["-m", "resnet_jax.sweep", "experiments/sweep_cifar10.py", "--seeds=two"], "--seeds: invalid int value: 'two'"),
+        (
+            ["-m", "resnet_jax.sweep", "experiments/sweep_cifar10.py", "--seeds=two"],
+            "--seeds: invalid int value: 'two'",
+        ),
     ],
 )
 def test_bad_flags_of_the_other_tools_are_one_line(argv, needle):
