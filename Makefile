@@ -22,9 +22,12 @@ UV_INSTALL = $(BIN)/uv pip install --python $(BIN)/python -q --no-cache --compil
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+
+# Its own target, so that a .venv made before uv was used gets it too.
+$(BIN)/uv: $(BIN)/python
 	$(BIN)/pip install -q uv==0.13.9
 
-$(VENV)/.installed: $(BIN)/python requirements.txt pyproject.toml
+$(VENV)/.installed: $(BIN)/uv requirements.txt pyproject.toml
 	$(UV_INSTALL) -r requirements.txt
 	$(UV_INSTALL) --no-deps -e .
 	touch $@
