@@ -8,7 +8,7 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test lint format install install-test clean
 
-# uv installs wheels in parallel: the test install takes about 80 s on a 2-core machine against
+# uv installs wheels in parallel: the test install took 98-99 s on a 2-core machine against
 # pip's 200 s. uv does not read pip's configuration, so the extra indexes and wheel directories
 # pip is configured with (pip.conf, PIP_FIND_LINKS) are passed on, with pip's rule of taking the
 # best version over all indexes. --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set, a venv

@@ -18,7 +18,7 @@ from __future__ import annotations
 if __name__ == "__main__":
     # `python -m resnet_jax.train`: the command line is parsed and checked (config file, overrides,
     # required flags) before JAX, Flax and Orbax are imported below, so a typo gets its one-line
-    # error in about half a second instead of five. The run imports this module again by name
+    # error in a quarter of a second instead of four. The run imports this module again by name
     # (resnet_jax.cli), and app.run exits, so nothing after this block runs as __main__.
     from resnet_jax.cli import train_main
 
