@@ -61,6 +61,7 @@ def main(argv=None) -> None:
 
     import numpy as np
 
+    from resnet_jax import cli
     from resnet_jax.models import resolve_options
 
     models = a.models.split(",")
@@ -68,8 +69,7 @@ def main(argv=None) -> None:
         try:
             resolve_options(model)
         except ValueError as e:
-            print(f"error: --models: {e}", file=sys.stderr)
-            sys.exit(2)
+            cli.fail(f"--models: {e}")
     with tempfile.TemporaryDirectory() as d:
         for model in models:
             rows = {}

@@ -16,10 +16,9 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from resnet_jax.cli import EXIT_USAGE
 from resnet_jax.errors import UserError
 from resnet_jax.workdir import CONFIG_FILE, load_config_dict
-
-EXIT_USAGE = 2
 
 # Paper-like figures: small, light grid, no top/right spines, readable at column width.
 PLOT_STYLE = {

@@ -100,7 +100,7 @@ def plot_error_curves(
     return out
 
 
-def _parser() -> common.ArgumentParser:
+def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m resnet_jax.analysis.curves", description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="training run directories")
     p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: the model names)")

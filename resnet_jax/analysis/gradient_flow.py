@@ -167,7 +167,7 @@ def plot_gradient_norms(
     return out
 
 
-def _parser() -> common.ArgumentParser:
+def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m resnet_jax.analysis.gradient_flow", description=__doc__.split("\n")[0])
     g = p.add_argument_group("trained runs")
     g.add_argument("--runs", "--workdir", nargs="+", default=[], metavar="DIR", help="training run directories")

@@ -192,7 +192,7 @@ def model_options(args) -> dict:
     return opts
 
 
-def _parser() -> common.ArgumentParser:
+def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m resnet_jax.analysis.layer_responses", description=__doc__.split("\n")[0])
     g = p.add_argument_group("trained runs")
     g.add_argument("--runs", "--workdir", nargs="+", default=[], metavar="DIR", help="training run directories")

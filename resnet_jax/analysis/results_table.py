@@ -301,7 +301,7 @@ def to_latex(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _parser() -> common.ArgumentParser:
+def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m resnet_jax.analysis.results_table", description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", default=[], metavar="DIR", help="training run directories")
     p.add_argument("--root", default=None, help="use every run directory below this folder")
