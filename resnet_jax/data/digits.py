@@ -72,11 +72,11 @@ def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
     runs and the CLI's bad-input checks alike. If the file is not where it was, ``load_digits``.
     """
     spec = importlib.util.find_spec("sklearn")
-    roots = list(spec.submodule_search_locations or []) if spec else []
-    path = pathlib.Path(roots[0] if roots else "/nonexistent") / "datasets" / "data" / "digits.csv.gz"
-    if path.is_file():
-        table = np.loadtxt(path, delimiter=",")
-        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int32)
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = pathlib.Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int32)
     from sklearn.datasets import load_digits
 
     digits = load_digits()
