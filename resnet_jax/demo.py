@@ -2,10 +2,10 @@
 
   python -m resnet_jax.demo --workdir=DIR
 
-Trains cifar_plain20, cifar_plain56, cifar_resnet20 and cifar_resnet56 with one budget
-(experiments/degradation_digits.py) and writes DIR/degradation.png (training error, plain vs
-residual, in the style of paper 1, Fig. 6), DIR/results.md and DIR/results.json
-(``{"cifar_plain20": {"train_top1_err": ..., "test_top1_err": ...}, ...}``, errors as fractions).
+Trains cifar_plain20, cifar_plain56, cifar_resnet20 and cifar_resnet56 (or the CIFAR-style nets
+of ``--models``) with one budget (experiments/degradation_digits.py) and writes
+DIR/degradation.png (training error, plain vs residual, in the style of paper 1, Fig. 6),
+DIR/results.md and DIR/results.json (``{"cifar_plain20": {"train_top1_err": ..., "test_top1_err": ...}, ...}``, errors as fractions).
 The training error of a run is the mean training-batch error over its last epoch (train mode, as
 the paper's curves). Finished runs are not trained again when the demo is started again.
 """
@@ -28,6 +28,11 @@ CONFIG = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "degra
 
 flags.DEFINE_string("workdir", "runs/demo", "output directory (one sub-directory per run)")
 flags.DEFINE_integer("num_steps", -1, "override the budget (steps per run) for a quick look")
+flags.DEFINE_list(
+    "models",
+    list(MODELS),
+    "the networks to train, plain and residual (e.g. cifar_plain110,cifar_resnet110 for deeper curves)",
+)
 
 
 def demo_config(name: str, num_steps: int = -1):
@@ -90,15 +95,37 @@ def write_tables(out_dir: pathlib.Path, results: dict[str, dict[str, float]]) ->
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def run_demo(out_dir: str, num_steps: int = -1) -> dict[str, dict[str, float]]:
-    """Trains the four networks (skipping finished ones) and writes the figure and tables."""
+def check_models(models) -> tuple[str, ...]:
+    """The demo's networks: CIFAR-style plain or residual nets (the digits are 8x8 images upscaled
+    to CIFAR's 32x32), each named once. Raises UserError before anything is trained."""
+    from resnet_jax.models import parse_name
+
+    if not models:
+        raise UserError(f"--models is empty; e.g. --models={','.join(MODELS)}")
+    for name in models:
+        try:
+            fam, _, _ = parse_name(name)
+        except ValueError as e:
+            raise UserError(f"--models: {e}") from None
+        if fam not in ("cifar_plain", "cifar_resnet"):
+            raise UserError(
+                f"--models: {name} is not a CIFAR plain or residual net (cifar_plain{{6n+2}}, cifar_resnet{{6n+2}})"
+            )
+    if len(set(models)) != len(models):
+        raise UserError(f"--models names a network twice: {','.join(models)}")
+    return tuple(models)
+
+
+def run_demo(out_dir: str, num_steps: int = -1, models=MODELS) -> dict[str, dict[str, float]]:
+    """Trains ``models`` (skipping finished runs) and writes the figure and tables."""
+    models = check_models(models)
     from resnet_jax.data import get_info
     from resnet_jax.schedules import Durations
     from resnet_jax.train import train_and_evaluate
 
     out = pathlib.Path(out_dir)
     runs, results = {}, {}
-    for name in MODELS:
+    for name in models:
         config = demo_config(name, num_steps)
         wd = out / name
         start = time.perf_counter()
@@ -115,7 +142,7 @@ def run_demo(out_dir: str, num_steps: int = -1) -> dict[str, dict[str, float]]:
 @cli.guarded
 def _main(argv) -> None:
     cli.setup_logging()
-    run_demo(flags.FLAGS.workdir, flags.FLAGS.num_steps)
+    run_demo(flags.FLAGS.workdir, flags.FLAGS.num_steps, flags.FLAGS.models)
 
 
 def main():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from cli_env import user_env
 from ml_collections import config_flags
 
 from resnet_jax import sweep
+from resnet_jax.errors import UserError
 from resnet_jax.models import resolve_options
 from resnet_jax.train import model_options
 
@@ -132,14 +134,51 @@ def test_sweep_bad_file(capsys):
 
 
 def test_demo_writes_figure_and_tables(tmp_path):
-    """The main job end to end at a tiny budget: four runs, the figure, results.md and results.json."""
+    """The main job end to end at a tiny budget: the demo's own config and code path, with two
+    shallow nets instead of its four (the four at 20 and 56 layers are compiles of 100 s on a
+    2-core CPU; the brief keeps full-size models out of the tests): the runs, the figure,
+    results.md and results.json. A second start trains nothing again."""
     env = user_env()
-    cmd = [sys.executable, "-m", "resnet_jax.demo", f"--workdir={tmp_path}", "--num_steps=2"]
+    models = ["cifar_plain8", "cifar_resnet8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "resnet_jax.demo",
+        f"--workdir={tmp_path}",
+        "--num_steps=2",
+        f"--models={','.join(models)}",
+    ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56"}
+    assert list(results) == models
     for r in results.values():
         assert set(r) == {"train_top1_err", "test_top1_err"} and all(0 <= v <= 1 for v in r.values())
     assert (tmp_path / "degradation.png").stat().st_size > 10_000
-    assert "cifar_plain56" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[0] == "| model | train error (%) | test error (%) |" and [r.split(" | ")[0] for r in table[2:]] == [
+        "| cifar_plain8",
+        "| cifar_resnet8",
+    ]
+    for name in models:
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        assert cfg["model"]["name"] == name and cfg["dataset"]["name"] == "digits" and cfg["num_steps"] == 2
+
+
+def test_demo_defaults_and_bad_models():
+    """The demo trains the README's four networks by default; a bad --models is refused before
+    anything is trained."""
+    from resnet_jax import demo
+
+    assert demo.MODELS == ("cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56")
+    assert flags.FLAGS["models"].default == list(demo.MODELS)
+    assert demo.demo_config("cifar_plain56").model.name == "cifar_plain56"
+    for models, needle in [
+        ([], "--models is empty"),
+        (["cifar_resnet21"], "6n+2"),
+        (["resnet18"], "not a CIFAR plain or residual net"),
+        (["cifar_preact_resnet11"], "not a CIFAR plain or residual net"),
+        (["cifar_plain8", "cifar_plain8"], "twice"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            demo.run_demo("/nonexistent/demo", models=models)
