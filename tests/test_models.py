@@ -268,23 +268,27 @@ def test_max_pool_is_nnx_max_pool(shape, window, stride, padding, dtype):
     # Half-integers make many ties inside windows.
     x = jnp.asarray(np.round(rng.normal(size=shape) * 2) / 2 - 1, dtype)
 
-    # Jitted: eagerly, each of the slices and maxima would compile on its own.
-    @jax.jit
     def reference(x):
         return nnx.max_pool(x, (window, window), (stride, stride), ((padding, padding), (padding, padding)))
 
-    @jax.jit
     def ours(x):
         return max_pool(x, window, stride, padding)
 
-    want, pull_want = jax.vjp(reference, x)
-    got, pull_got = jax.vjp(ours, x)
+    # One jitted program for all of it: eagerly, each slice, maximum and transpose would compile
+    # on its own.
+    @jax.jit
+    def check(x, g):
+        (want, pull_want), (got, pull_got) = jax.vjp(reference, x), jax.vjp(ours, x)
+        _, tangent = jax.jvp(ours, (x,), (jnp.ones_like(x),))
+        return want, got, pull_want(g)[0], pull_got(g)[0], tangent
+
+    assert int(jnp.sum(x[:, :-1] == x[:, 1:])) > 0, "the input should have ties"
+    out_shape = jax.eval_shape(reference, x).shape
+    g = jnp.asarray(rng.integers(1, 5, size=out_shape), dtype)  # exact sums in bfloat16 too
+    want, got, grad_want, grad_got, tangent = check(x, g)
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-    assert int(jnp.sum(x[:, :-1] == x[:, 1:])) > 0, "the input should have ties"
-    g = jnp.asarray(rng.integers(1, 5, size=want.shape), dtype)  # exact sums in bfloat16 too
-    np.testing.assert_array_equal(np.asarray(pull_got(g)[0], np.float32), np.asarray(pull_want(g)[0], np.float32))
-    _, tangent = jax.jvp(ours, (x,), (jnp.ones_like(x),))
+    np.testing.assert_array_equal(np.asarray(grad_got, np.float32), np.asarray(grad_want, np.float32))
     np.testing.assert_array_equal(np.asarray(tangent, np.float32), np.ones(want.shape, np.float32))
 
 
