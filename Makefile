@@ -8,15 +8,19 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test lint format install install-test clean
 
-# uv installs wheels in parallel: the test install took 98-99 s on a 2-core machine against
-# pip's 200 s. uv does not read pip's configuration, so the extra indexes and wheel directories
-# pip is configured with (pip.conf, PIP_FIND_LINKS) are passed on, with pip's rule of taking the
-# best version over all indexes. --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set, a venv
-# without .pyc files compiles TensorFlow, JAX and torch from source in every process (imports of
-# 30 s instead of 14 s).
+# Where PYTHONDONTWRITEBYTECODE is set (these machines set it), a venv without .pyc files compiles
+# TensorFlow, JAX and torch from source in every process: 41 s of imports instead of 15 s. Python
+# may write them here, so each module is compiled once, at its first import, instead of all 16,500
+# files of the venv at install time (uv's --compile-bytecode: 42 s of an 86 s install).
+export PYTHONDONTWRITEBYTECODE =
+
+# uv installs wheels in parallel: the test install took 45 s on a 2-core machine against pip's
+# 200 s. uv does not read pip's configuration, so the extra indexes and wheel directories pip is
+# configured with (pip.conf, PIP_FIND_LINKS) are passed on, with pip's rule of taking the best
+# version over all indexes.
 PIP_INDEXES = $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)
 PIP_LINKS = $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
-UV_INSTALL = $(BIN)/uv pip install --python $(BIN)/python -q --no-cache --compile-bytecode \
+UV_INSTALL = $(BIN)/uv pip install --python $(BIN)/python -q --no-cache \
 	--index-strategy unsafe-best-match $(foreach u,$(PIP_INDEXES),--extra-index-url=$(u)) \
 	$(foreach d,$(PIP_LINKS),--find-links=$(d))
 
