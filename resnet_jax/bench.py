@@ -241,8 +241,8 @@ def bench_config(args: argparse.Namespace, *, remat: bool | None = None, bn_grou
 def forward_macs(config, image_size: int) -> tuple[int | None, str]:
     """Forward MACs per image from resnet_jax.summary (None if that module is unavailable)."""
     try:
+        from resnet_jax.config import model_options
         from resnet_jax.summary import abstract_model, count_macs
-        from resnet_jax.train import model_options
     except ImportError:
         return None, "unavailable"
     model = abstract_model(config.model.name, num_classes=config.dataset.num_classes, **model_options(config))

@@ -152,6 +152,18 @@ def check_config_loaded(argv) -> None:
         _unreadable_config(argv, e)
 
 
+def check_model(config) -> None:
+    """The model's name and options (plain Python, before JAX is imported): the trainer's own
+    message for a bad one, at once."""
+    from resnet_jax.config import model_options
+    from resnet_jax.models.spec import resolve_options
+
+    try:
+        resolve_options(config.model.name, **model_options(config))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def train_main(argv=None) -> None:
     """Entry point of ``python -m resnet_jax.train``."""
     from ml_collections import config_flags
@@ -210,6 +222,7 @@ def _train(argv) -> None:
         raise UserError("--config is required, e.g. --config=experiments/digits.py")
     if not f.workdir:
         raise UserError("--workdir is required")
+    check_model(f.config)
     init_distributed(f.coordinator_address, f.num_processes, f.process_id)
     from resnet_jax.train import train_and_evaluate
 

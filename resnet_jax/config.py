@@ -6,6 +6,8 @@ given in epochs is a convenience for the person writing the config.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -128,3 +130,12 @@ def imagenet_modern_recipe(c: ml_collections.ConfigDict) -> ml_collections.Confi
     c.checkpoint_every_steps = 2_500
     c.eval_every_epochs = 1.0
     return c
+
+
+def model_options(config) -> dict[str, Any]:
+    """The model options of ``config.model`` as ``create_model`` keyword arguments."""
+    opts = {k: v for k, v in config.model.items() if k != "name"}
+    scan = str(opts.get("scan_blocks", "auto")).lower()
+    opts["scan_blocks"] = {"auto": "auto", "true": True, "false": False}.get(scan, scan)
+    opts["dtype"] = "bfloat16" if config.half_precision else "float32"
+    return opts

@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax import data
 from resnet_jax.checkpointing import Checkpointer, abstract_with_shardings
+from resnet_jax.config import model_options
 from resnet_jax.errors import UserError
 from resnet_jax.logbook import Logbook, plot_curves
 from resnet_jax.models import create_model
@@ -51,15 +52,6 @@ from resnet_jax.schedules import Durations, is_time, learning_rate_schedule
 from resnet_jax.workdir import Workdir
 
 log = logging.getLogger("resnet_jax")
-
-
-def model_options(config) -> dict[str, Any]:
-    """The model options of ``config.model`` as ``create_model`` keyword arguments."""
-    opts = {k: v for k, v in config.model.items() if k != "name"}
-    scan = str(opts.get("scan_blocks", "auto")).lower()
-    opts["scan_blocks"] = {"auto": "auto", "true": True, "false": False}.get(scan, scan)
-    opts["dtype"] = "bfloat16" if config.half_precision else "float32"
-    return opts
 
 
 def build_model(config, num_classes: int, seed: int = 0) -> nnx.Module:

@@ -272,11 +272,16 @@ def test_fresh_sets_the_old_run_aside(results):
         (["--config.batch_size=abc"], "--config.batch_size=abc"),
         (["--config=experiments/no_such_file.py"], "No such file or directory"),
         ([], "--workdir is required"),
+        (["--config.model.name=cifar_resnet21", "--workdir=/nonexistent/wd"], "6n+2"),
+        (["--config.model.name=resnet19", "--workdir=/nonexistent/wd"], "unknown depth 19"),
+        (["--config.model.shortcut=Q", "--workdir=/nonexistent/wd"], "shortcut='Q'; valid: A, B, C"),
+        (["--config.model.bn_momentum=1.5", "--workdir=/nonexistent/wd"], "bn_momentum=1.5"),
     ],
 )
 def test_command_line_errors_come_before_jax_is_imported(tmp_path, args, needle):
-    """The trainer checks its command line before it imports JAX, Flax or Orbax (a typo is
-    answered in a fraction of a second): here those packages are made unimportable."""
+    """The trainer checks its command line, the model's name and options included, before it
+    imports JAX, Flax or Orbax (a typo is answered in a fraction of a second): here those
+    packages are made unimportable."""
     for name in ("jax", "flax", "orbax", "tensorflow"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} was imported')\n")

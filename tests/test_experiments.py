@@ -14,9 +14,9 @@ from cli_env import user_env
 from ml_collections import config_flags
 
 from resnet_jax import sweep
+from resnet_jax.config import model_options
 from resnet_jax.errors import UserError
 from resnet_jax.models import resolve_options
-from resnet_jax.train import model_options
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"

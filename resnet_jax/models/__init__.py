@@ -3,18 +3,17 @@
 The model knows nothing about training. For analysis, ``model.block_outputs(x)`` returns the
 logits and, per block, the residual branch output (after its last BN, before the addition) and the
 shortcut output.
+
+The names, the depth table and the options (``resnet_jax.models.spec``) are plain Python and
+import no JAX; the networks' modules load on first use of ``create_model`` or ``ResNet``, so that
+the command line can check a model before it imports JAX.
 """
 
-from resnet_jax.models.layers import SHORTCUTS
-from resnet_jax.models.resnet import ResNet
-from resnet_jax.models.zoo import (
-    DEFAULT_OPTIONS,
-    IMAGENET_DEPTHS,
-    create_model,
-    list_models,
-    parse_name,
-    resolve_options,
-)
+import importlib
+
+from resnet_jax.models.spec import DEFAULT_OPTIONS, IMAGENET_DEPTHS, SHORTCUTS, list_models, parse_name, resolve_options
+
+_LAZY = {"ResNet": "resnet_jax.models.resnet", "create_model": "resnet_jax.models.zoo"}
 
 __all__ = [
     "SHORTCUTS",
@@ -26,3 +25,9 @@ __all__ = [
     "parse_name",
     "resolve_options",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

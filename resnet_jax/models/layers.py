@@ -15,8 +15,6 @@ from flax import nnx
 # mode="fan_out"); the ReLU gain keeps activations' variance constant with depth.
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-SHORTCUTS = ("A", "B", "C", "none", "gated", "shortcut_gated", "scaled")
-
 
 def conv(
     in_ch: int, out_ch: int, kernel: int, stride: int = 1, *, dtype, rngs: nnx.Rngs, bias: bool = False
