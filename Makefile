@@ -36,13 +36,8 @@ $(VENV)/.installed: $(BIN)/uv requirements.txt pyproject.toml
 	$(UV_INSTALL) --no-deps -e .
 	touch $@
 
-# The test run's first processes (two workers at once) would each compile the same modules of
-# TensorFlow, JAX and torch: import them once here instead, two processes side by side.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(UV_INSTALL) -e ".[test,torch]"
-	$(BIN)/python -c "import tensorflow, tensorflow_datasets" & pid=$$!; \
-	$(BIN)/python -c "import jax, flax.nnx, optax, orbax.checkpoint, torch, torchvision, matplotlib.pyplot, sklearn" && \
-	wait $$pid
 	touch $@
 
 install: $(VENV)/.installed
