@@ -40,7 +40,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(UV_INSTALL) -e ".[test,torch]"
 	touch $@
 
+# For runs started outside make (python -m resnet_jax.train ...) where PYTHONDONTWRITEBYTECODE is
+# set: the training path's modules compiled once, here (make demo and make test write their own).
 install: $(VENV)/.installed
+	$(BIN)/python -c "import resnet_jax.train, resnet_jax.evaluate, resnet_jax.data.tfds_datasets"
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
