@@ -18,7 +18,7 @@ import optax
 import pytest
 from flax import nnx
 
-from resnet_jax.models import create_model, list_models, resolve_options, zoo
+from resnet_jax.models import create_model, list_models, resolve_options, spec
 from resnet_jax.models.blocks import BlockOptions, Bottleneck, PreActBasicBlock, PreActBottleneck
 from resnet_jax.models.layers import BatchNorm, Shortcut, max_pool, space_to_depth_conv, subsample_and_pad
 
@@ -164,7 +164,7 @@ def test_forward_backward_under_jit(name, options, monkeypatch):
     back through every stage), and float32 parameters whatever the compute dtype. scan_blocks=True
     cases run the scanned build holding the unrolled build's initial weights."""
     if name.endswith("resnet50") and options:
-        monkeypatch.setitem(zoo.IMAGENET_DEPTHS, 50, SHORT_RESNET50)
+        monkeypatch.setitem(spec.IMAGENET_DEPTHS, 50, SHORT_RESNET50)
     options = dict(options)
     scan = options.pop("scan_blocks", False)
     model = tiny(name, scan_blocks=False, **options)

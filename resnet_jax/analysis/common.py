@@ -150,7 +150,7 @@ def resolved_shortcut(config: dict) -> str:
     if model.get("shortcut"):
         return str(model["shortcut"])
     try:
-        from resnet_jax.models.zoo import FAMILIES, parse_name
+        from resnet_jax.models.spec import FAMILIES, parse_name
 
         return FAMILIES[parse_name(model.get("name", ""))[0]]["shortcut"]
     except ValueError:

@@ -7,16 +7,7 @@ from flax import nnx
 
 from resnet_jax.models.blocks import BlockOptions
 from resnet_jax.models.resnet import ResNet
-from resnet_jax.models.spec import (  # noqa: F401 (the zoo's public names)
-    AUTO_SCAN_MIN_BLOCKS,
-    DEFAULT_OPTIONS,
-    FAMILIES,
-    IMAGENET_DEPTHS,
-    dtype_name,
-    list_models,
-    parse_name,
-    resolve_options,
-)
+from resnet_jax.models.spec import AUTO_SCAN_MIN_BLOCKS, FAMILIES, dtype_name, resolve_options
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
