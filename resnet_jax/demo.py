@@ -5,7 +5,8 @@
 Trains cifar_plain20, cifar_plain56, cifar_resnet20 and cifar_resnet56 (or the CIFAR-style nets
 of ``--models``) with one budget (experiments/degradation_digits.py) and writes
 DIR/degradation.png (training error, plain vs residual, in the style of paper 1, Fig. 6),
-DIR/results.md and DIR/results.json (``{"cifar_plain20": {"train_top1_err": ..., "test_top1_err": ...}, ...}``, errors as fractions).
+DIR/results.md and DIR/results.json
+(``{"cifar_plain20": {"train_top1_err": ..., "test_top1_err": ...}, ...}``, errors as fractions).
 The training error of a run is the mean training-batch error over its last epoch (train mode, as
 the paper's curves). Finished runs are not trained again when the demo is started again.
 """

@@ -137,7 +137,7 @@ def test_demo_writes_figure_and_tables(tmp_path):
     """The main job end to end at a tiny budget: the demo's own config and code path, with two
     shallow nets instead of its four (the four at 20 and 56 layers are compiles of 100 s on a
     2-core CPU; the brief keeps full-size models out of the tests): the runs, the figure,
-    results.md and results.json. A second start trains nothing again."""
+    results.md and results.json."""
     env = user_env()
     models = ["cifar_plain8", "cifar_resnet8"]
     cmd = [

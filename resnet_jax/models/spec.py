@@ -106,8 +106,9 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def dtype_name(dtype) -> str | None:
-    """``'bfloat16'`` for ``'bfloat16'`` or ``jnp.bfloat16`` (any NumPy-compatible dtype); None
-    for what is not a dtype."""
+    """The name of a dtype given as a NumPy-compatible type (``jnp.bfloat16`` -> ``'bfloat16'``); a
+    string is returned as it is, to be checked against ``DTYPE_NAMES``; None for what NumPy does
+    not know as a dtype."""
     if isinstance(dtype, str):
         return dtype
     import numpy as np
