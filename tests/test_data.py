@@ -337,6 +337,8 @@ def test_cifar10_under_mock_data(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     from resnet_jax.data import tfds_datasets
 
+    # TensorFlow came without Keras (see resnet_jax/__init__.py): 2.5 CPU seconds per process.
+    assert "keras" not in sys.modules, "import tensorflow loaded Keras"
     for name in ("cifar10", "cifar100"):  # the mock replaces the download: no server to try first
         monkeypatch.setitem(
             tfds_datasets._SPECS, name, dataclasses.replace(tfds_datasets._SPECS[name], download_from=())
