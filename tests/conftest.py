@@ -32,11 +32,16 @@ def pytest_configure(config):
     xdist controller, or pytest alone), inherited by the workers through the environment (they
     start later), removed when that process ends. The cache key covers the XLA flags and compile
     options, so programs compiled with other options never share an entry.
+
+    In the workers only programs that took a second or more to compile are written: test_models
+    alone compiles about 700 programs (most of them eager ops and initialisers of new shapes) and
+    found 4 of them in the cache, while serialising and writing them all took 6.5 s (cProfile). The CLI
+    subprocesses write every program (tests/cli_env.py).
     """
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         _OWN_CACHE.append(tempfile.mkdtemp(prefix="resnet_jax-tests-jax-cache-"))
         os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE[0]
-        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
         os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
