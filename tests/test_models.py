@@ -112,7 +112,9 @@ def loss_and_grads(model, x, y):
 # 1. Every family and option combination trains.
 
 TRAIN_CASES = [
-    # Every shortcut kind on a CIFAR ResNet (shape changes in stages 2 and 3), other options mixed in.
+    # Every shortcut kind on a CIFAR ResNet (shape changes in stages 2 and 3), other options mixed
+    # in. The shortcut and its merge are one module whatever the block, so the ImageNet nets below
+    # do not repeat every kind: each compile costs 2-7 s of a 2-core CPU.
     ("cifar_resnet8", {}),
     ("cifar_resnet8", dict(shortcut="B", bn_group_size=2)),
     ("cifar_resnet8", dict(shortcut="C", remat=True)),
@@ -120,22 +122,16 @@ TRAIN_CASES = [
     ("cifar_resnet8", dict(shortcut="gated", dtype="bfloat16")),
     ("cifar_resnet8", dict(shortcut="shortcut_gated", zero_init_last_bn=False, gate_bias_init=-2.0)),
     ("cifar_resnet8", dict(shortcut="scaled", dtype="float16")),
-    # ... on ImageNet ResNet-18 (basic blocks) ...
-    ("resnet18", dict(shortcut="A")),
+    # ImageNet ResNet-18 (stem, max-pool, basic blocks): its default, and scanned stages.
     ("resnet18", {}),
-    ("resnet18", dict(shortcut="C", bn_group_size=2)),
-    ("resnet18", dict(shortcut="none")),
-    ("resnet18", dict(shortcut="gated", remat=True)),
     ("resnet18", dict(shortcut="shortcut_gated", scan_blocks=True)),
-    ("resnet18", dict(shortcut="scaled", dtype="bfloat16")),
-    # ... and on ResNet-50 (bottlenecks), with both stride placements.
+    # ResNet-50 (bottlenecks, whose first block changes the width at stride 1), with both stride
+    # placements and the shortcut kinds that meet that change differently (padding, projections).
     ("resnet50", dict(shortcut="A", stride_in="1x1")),
     ("resnet50", {}),
     ("resnet50", dict(shortcut="C", bn_group_size=2, zero_init_last_bn=False)),
-    ("resnet50", dict(shortcut="none", stride_in="1x1")),
     ("resnet50", dict(shortcut="gated")),
-    ("resnet50", dict(shortcut="shortcut_gated")),
-    ("resnet50", dict(shortcut="scaled", stride_in="1x1")),
+    ("resnet50", dict(shortcut="scaled", stride_in="1x1", dtype="bfloat16")),
     # Plain and pre-activation families.
     ("plain18", {}),
     ("cifar_plain8", dict(bn_group_size=2, dtype="bfloat16")),
