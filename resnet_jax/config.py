@@ -76,6 +76,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # (a little slower: the update waits for the check; see train.train_step)
     c.shard_params = False  # FSDP-style: shard parameters and optimizer state over the data axis
     c.progress_bar = True
+    c.plot_curves = True  # curves.png (loss and error) in the workdir when a run finishes
     return c
 
 

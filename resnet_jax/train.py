@@ -513,7 +513,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
         if logbook is not None:
             logbook.close()
         wd.close()
-    if lead and final is not None:
+    if lead and final is not None and config.plot_curves:
         plot_curves(workdir)
     return final or {}
 

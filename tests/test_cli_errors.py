@@ -27,6 +27,7 @@ BASE = [
     "--config.log_every_steps=1",
     "--config.eval_every_epochs=100",
     "--config.progress_bar=false",
+    "--config.plot_curves=false",  # matplotlib: 1-1.5 s of each short run
 ]
 # CIFAR-10 is downloaded when missing; offline, TFDS retries for minutes before giving up. The
 # command is the real entry point with TFDS's retry count set to 0, so the test sees the same

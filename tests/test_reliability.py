@@ -36,6 +36,7 @@ BASE = [
     "--config.log_every_steps=1",
     "--config.eval_every_epochs=100",  # evaluate only at the end
     "--config.progress_bar=false",
+    "--config.plot_curves=false",  # matplotlib: 1-1.5 s of each short run
 ]
 # 2N steps, interrupted after about N. Runs with the same number of steps compile the same train
 # step (the schedule is part of it), so most runs below use TOTAL and hit the compilation cache.
@@ -248,6 +249,7 @@ def test_resume_after_sigterm_is_bitwise_exact(runs):
     step_b, state_b = restore(b)
     assert step_a == step_b == TOTAL
     assert int(state_b["step"]) == TOTAL
+    assert not (a / "curves.png").exists()  # --config.plot_curves=false (tests/test_train.py: the default)
     assert_states_identical(state_a, state_b)
     rows_a, rows_b = train_rows(a), train_rows(b)
     assert sorted(rows_a) == sorted(rows_b) == list(range(1, TOTAL + 1))
