@@ -26,7 +26,6 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax import data
 from resnet_jax.config import get_base_config
 from resnet_jax.data import digits
-from resnet_jax.data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from resnet_jax.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -336,6 +335,7 @@ def test_importing_data_and_digits_does_not_import_tensorflow():
 def test_cifar10_under_mock_data(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     from resnet_jax.data import tfds_datasets
+    from resnet_jax.data.augment import CIFAR10_MEAN, CIFAR10_STD  # (imports TensorFlow)
 
     # TensorFlow came without Keras (see resnet_jax/__init__.py): 2.5 CPU seconds per process.
     assert "keras" not in sys.modules, "import tensorflow loaded Keras"
@@ -434,6 +434,8 @@ def imagenet_cfg(data_dir, manual_dir, **overrides):
 
 
 def test_imagenet_train_and_eval(imagenet_data_dir):
+    from resnet_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD  # (imports TensorFlow)
+
     data_dir, manual_dir = imagenet_data_dir
     cfg = imagenet_cfg(data_dir, manual_dir)
     info = data.get_info(cfg)
