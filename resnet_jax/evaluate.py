@@ -15,6 +15,7 @@ from absl import flags
 
 from resnet_jax import cli
 from resnet_jax.errors import UserError
+from resnet_jax.workdir import load_config_dict
 
 flags.DEFINE_string("workdir", None, "the training run's --workdir")
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval top-1) or a step number")
@@ -28,6 +29,11 @@ def _main(argv) -> None:
         raise UserError("--workdir is required")
     if not pathlib.Path(f.workdir).is_dir():
         raise UserError(f"workdir {f.workdir} does not exist")
+    # What can be checked without JAX is, before JAX is imported: a mistyped path or checkpoint is
+    # answered in a fraction of a second.
+    load_config_dict(f.workdir)
+    if f.checkpoint not in ("latest", "best") and not f.checkpoint.isdigit():
+        raise UserError(f"--checkpoint={f.checkpoint!r}: use 'latest', 'best' or a step number")
     cli.setup_logging()
     from resnet_jax.train import evaluate_checkpoint
 

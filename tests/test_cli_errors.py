@@ -168,16 +168,13 @@ def _evaluate_cases(tmp: pathlib.Path, existing: pathlib.Path) -> dict[str, tupl
     wd = tmp / "evaluated"
     shutil.copytree(existing, wd)
     ev = ["-m", "resnet_jax.evaluate"]
-    return {
-        "missing_workdir": ([*ev, f"--workdir={tmp / 'nowhere'}"], None, ["does not exist"]),
-        "not_a_run": ([*ev, f"--workdir={tmp / 'empty_data'}"], None, ["config.json not found", "of a training run"]),
+    return {  # (a missing workdir or config.json, a garbage --checkpoint: before JAX, below)
         "no_checkpoints": ([*ev, f"--workdir={no_ckpt}"], no_ckpt, ["no complete checkpoint", "train first"]),
         "bad_checkpoint": (
             [*ev, f"--workdir={wd}", "--checkpoint=7"],
             wd,
             ["--checkpoint='7'", "'latest', 'best'", "[8, 16]"],
         ),
-        "garbage_checkpoint": ([*ev, f"--workdir={wd}", "--checkpoint=banana"], wd, ["--checkpoint='banana'"]),
     }
 
 
@@ -283,13 +280,40 @@ def test_command_line_errors_come_before_jax_is_imported(tmp_path, args, needle)
     """The trainer checks its command line, the model's name and options included, before it
     imports JAX, Flax or Orbax (a typo is answered in a fraction of a second): here those
     packages are made unimportable."""
-    for name in ("jax", "flax", "orbax", "tensorflow"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} was imported')\n")
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    argv = ["-m", "resnet_jax.train", "--config=experiments/digits.py", *args]
-    p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    p = run_without_jax(tmp_path, ["-m", "resnet_jax.train", "--config=experiments/digits.py", *args])
     assert_one_line_error(p, needle, max_lines=1)
+
+
+def run_without_jax(tmp_path: pathlib.Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """``python argv`` with JAX, Flax, Orbax and TensorFlow made unimportable."""
+    hidden = tmp_path / "hidden"
+    for name in ("jax", "flax", "orbax", "tensorflow"):
+        (hidden / name).mkdir(parents=True)
+        (hidden / name / "__init__.py").write_text(f"raise ImportError('{name} was imported')\n")
+    env = dict(os.environ, PYTHONPATH=f"{hidden}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("missing_workdir", ["does not exist"]),
+        ("not_a_run", ["config.json not found", "of a training run"]),
+        ("garbage_checkpoint", ["--checkpoint='banana'", "'latest', 'best'"]),
+    ],
+)
+def test_evaluate_errors_come_before_jax_is_imported(tmp_path, case, needles):
+    """evaluate checks its workdir (it exists, it holds a run's config.json) and the form of
+    --checkpoint before it imports JAX (test_evaluate_errors_are_one_line: what needs the
+    checkpoints)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if case != "not_a_run":
+        (run_dir / "config.json").write_text(json.dumps({"model": {"name": "cifar_resnet8"}}))
+    workdir = tmp_path / "nowhere" if case == "missing_workdir" else run_dir
+    checkpoint = "banana" if case == "garbage_checkpoint" else "latest"
+    p = run_without_jax(tmp_path, ["-m", "resnet_jax.evaluate", f"--workdir={workdir}", f"--checkpoint={checkpoint}"])
+    assert_one_line_error(p, *needles, max_lines=1)
 
 
 @pytest.mark.parametrize(
