@@ -94,7 +94,7 @@ def write_sweep(tmp_path) -> pathlib.Path:
         "def get_sweep():\n"
         "    return [dict(name='tiny', config='experiments/digits.py',\n"
         "                 overrides={'model.name': 'cifar_resnet8', 'num_steps': 2, 'batch_size': 32,\n"
-        "                            'progress_bar': False, 'eval_every_epochs': 100.0})]\n"
+        "                            'progress_bar': False, 'plot_curves': False, 'eval_every_epochs': 100.0})]\n"
     )
     return path
 
