@@ -56,9 +56,10 @@ def jax_cache() -> str:
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def imagenet_data_dir(tmp_path_factory):
-    """A tiny imagenet2012 prepared by TFDS's real builder from fake tars (about 10 s).
+    """A tiny imagenet2012 prepared by TFDS's real builder from fake tars (about 10 s), once per
+    worker (test_data and test_train only read it).
 
     2 classes x 3 train JPEGs, 4 validation JPEGs (see tests/imagenet_tars.py).
 
