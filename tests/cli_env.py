@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
-# tests/conftest.py adds this flag to XLA_FLAGS for the in-process tests (compile time); the
-# subprocesses drop it, so that they compile as a user's process does.
-FAST_LLVM = "--xla_backend_optimization_level=1"
+# tests/conftest.py adds these flags to XLA_FLAGS for the in-process tests (compile time); the
+# subprocesses drop them, so that they compile as a user's process does.
+FAST_LLVM = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
+# What XLA:CPU compiles with by default, for the in-process tests that check a default compile.
+XLA_CPU_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
 
 
 def user_env(**overrides: str) -> dict:

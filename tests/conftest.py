@@ -8,12 +8,15 @@ import tempfile
 import pytest
 from cli_env import FAST_LLVM
 
-# In-process tests compile with LLVM's -O1 instead of XLA:CPU's default -O3 (set before JAX starts
-# its backend). Why: the random initialisers' kernels take -O3 seconds per parameter shape to
-# compile (an eager create_model of a width-4 cifar_resnet8: 20 s against 4 s), and these tests
-# build hundreds of tiny models. The computed values are the same (resnet_jax.train uses -O1 for
-# its initialisation and tests/test_train_step.py checks it bit for bit). The subprocesses that
-# tests start (their environment from cli_env.user_env) keep XLA's defaults, as a user's run has them.
+# In-process tests compile with LLVM's -O1 instead of XLA:CPU's default -O3, and without XLA:CPU's
+# MLIR fusion emitters (set before JAX starts its backend). Why: the random initialisers' kernels
+# take -O3 seconds per parameter shape to compile (an eager create_model of a width-4
+# cifar_resnet8: 20 s against 4 s), and these tests build hundreds of tiny models; the emitters
+# off took test_models from 206 to 176 CPU seconds and the other in-process files from 301 to 279
+# (each pair run side by side). The computed values are the same (resnet_jax.train uses -O1 for
+# its initialisation and tests/test_train_step.py checks it bit for bit against XLA's defaults).
+# The subprocesses that tests start (their environment from cli_env.user_env) keep XLA's
+# defaults, as a user's run has them.
 if FAST_LLVM not in os.environ.get("XLA_FLAGS", ""):  # (xdist workers inherit the controller's)
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_LLVM}".strip()
 _OWN_CACHE: list[str] = []

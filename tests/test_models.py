@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cli_env import XLA_CPU_DEFAULTS
 from flax import nnx
 
 from resnet_jax.models import create_model, list_models, resolve_options, spec
@@ -365,15 +366,13 @@ def test_cifar_resnet1202_train_step_compiles_quickly():
 
     x = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
     y = jax.ShapeDtypeStruct((8,), jnp.int32)
-    # A real compile at XLA's default LLVM level (-O3): not served by the test run's compilation
-    # cache, and not at the -O1 that tests/conftest.py sets for the other tests.
+    # A real compile with XLA:CPU's defaults (LLVM -O3, fusion emitters): not served by the test
+    # run's compilation cache, and not with the lighter flags tests/conftest.py sets for the others.
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     try:
         start = time.perf_counter()
-        compiled = train_step.lower(model, opt_state, x, y).compile(
-            compiler_options={"xla_backend_optimization_level": 3}
-        )
+        compiled = train_step.lower(model, opt_state, x, y).compile(compiler_options=XLA_CPU_DEFAULTS)
         elapsed = time.perf_counter() - start
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cli_env import XLA_CPU_DEFAULTS
 from flax import nnx
 
 from resnet_jax import train
@@ -248,17 +249,20 @@ def test_the_trainer_compiles_its_steps_with_the_options(monkeypatch):
 
 def test_the_initialisation_is_compiled_light_to_the_same_values(monkeypatch):
     """Trainer.init_state compiles with init_compiler_options() (LLVM -O1 on the CPU, for compile
-    time): its state is bit for bit the one that XLA's default -O3 computes, and the options do
-    reach that compile (an option this jaxlib does not know makes it fail)."""
+    time): its state is bit for bit the one that XLA's default -O3 computes (and the one of this
+    test process's flags, tests/conftest.py), and the options do reach that compile (an option
+    this jaxlib does not know makes it fail)."""
     assert train.init_compiler_options("cpu") == train.CPU_INIT_COMPILER_OPTIONS
     assert train.init_compiler_options("gpu") == {}
     trainer = tiny_trainer()
-    light = trainer.init_state()
+    here = trainer.init_state()
     lowered = jax.jit(trainer._init, out_shardings=trainer.state_shardings).lower()
-    default = lowered.compile(compiler_options={"xla_backend_optimization_level": 3})()
-    assert jax.tree.structure(light) == jax.tree.structure(default)
-    for a, b in zip(jax.tree.leaves(light), jax.tree.leaves(default)):
+    light = lowered.compile(compiler_options={**XLA_CPU_DEFAULTS, **train.CPU_INIT_COMPILER_OPTIONS})()
+    default = lowered.compile(compiler_options=XLA_CPU_DEFAULTS)()
+    assert jax.tree.structure(light) == jax.tree.structure(default) == jax.tree.structure(here)
+    for a, b, c in zip(jax.tree.leaves(light), jax.tree.leaves(default), jax.tree.leaves(here)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(b))
     monkeypatch.setattr(train, "init_compiler_options", lambda: {"xla_cpu_no_such_option_anywhere": True})
     with pytest.raises(jax.errors.JaxRuntimeError):
         trainer.init_state()
