@@ -6,7 +6,7 @@ import sys
 import tempfile
 
 import pytest
-from cli_env import FAST_LLVM
+from cli_env import LIGHT_XLA_FLAGS
 
 # In-process tests compile with LLVM's -O1 instead of XLA:CPU's default -O3, and without XLA:CPU's
 # MLIR fusion emitters (set before JAX starts its backend). Why: the random initialisers' kernels
@@ -17,8 +17,8 @@ from cli_env import FAST_LLVM
 # its initialisation and tests/test_train_step.py checks it bit for bit against XLA's defaults).
 # The subprocesses that tests start (their environment from cli_env.user_env) keep XLA's
 # defaults, as a user's run has them.
-if FAST_LLVM not in os.environ.get("XLA_FLAGS", ""):  # (xdist workers inherit the controller's)
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_LLVM}".strip()
+if LIGHT_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # (xdist workers inherit the controller's)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {LIGHT_XLA_FLAGS}".strip()
 _OWN_CACHE: list[str] = []
 
 # torch imports its optional GPU compiler, triton, on first use of torchvision; in a process where
