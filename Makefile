@@ -58,9 +58,10 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix resnet_jax tests experiments benchmarks
 
 test: lint
-	# Two workers: most tests are single-threaded compiles and subprocesses; each file is one xdist
-	# group (tests/conftest.py), so module-scoped fixtures (shared training runs) run once. A
-	# crashed worker fails the run instead of leaving it waiting.
+	# Two workers: most tests are single-threaded compiles and subprocesses. Each file is one xdist
+	# group, so module-scoped fixtures (shared training runs) run once; two small files' tests are
+	# spread one by one, to even out the end (tests/conftest.py). A crashed worker fails the run
+	# instead of leaving it waiting.
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --max-worker-restart=0 --durations=25
 
 clean:
