@@ -4,6 +4,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import PurePosixPath
 
 import pytest
 from cli_env import LIGHT_XLA_FLAGS
@@ -68,8 +69,10 @@ def pytest_collection_modifyitems(config, items):
 def pytest_xdist_node_collection_finished(node, ids):
     """In the xdist controller: stop at once if the groups did not reach a worker's node ids (xdist's
     way of passing them to its scheduler; pytest 9.2 with xdist 3.8 drops them silently)."""
-    grouped = [nodeid for nodeid in ids if nodeid.split("::")[0].rsplit("/", 1)[-1] not in SPREAD_ONE_BY_ONE]
-    if node.config.getoption("dist") == "loadgroup" and grouped and not any("@" in nodeid for nodeid in grouped):
+    if node.config.getoption("dist") != "loadgroup":
+        return
+    grouped = [nodeid for nodeid in ids if PurePosixPath(nodeid.split("::")[0]).name not in SPREAD_ONE_BY_ONE]
+    if grouped and not any("@" in nodeid for nodeid in grouped):
         pytest.exit("pytest-xdist ignored the xdist_group marks: install the pytest pinned in pyproject.toml", 4)
 
 
