@@ -59,8 +59,8 @@ case $group in
     ) ;;
   profile)  # A/B variants of our step on the GPU (benchmarks/profile_step.py), not the bench CLI
     export XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true"
-    for v in "--model=resnet50 --half_precision --batch_size=256 --steps=20 --repeats=3 --variants=ours,ours_reduce_window_pool,ours_select_guard,ours_cond_guard,ours_no_guard,linen" \
-             "--model=cifar_resnet56 --half_precision --batch_size=128 --steps=50 --repeats=3 --variants=ours,ours_select_guard,ours_cond_guard,ours_no_guard,linen"; do
+    for v in "--model=resnet50 --half_precision --batch_size=256 --steps=20 --repeats=3 --variants=ours,ours_dot_1x1,ours_dot_1x1_triton,ours_select_guard,linen" \
+             "--model=cifar_resnet56 --half_precision --batch_size=128 --steps=50 --repeats=3 --variants=ours,ours_select_guard,ours_no_guard,linen"; do
       echo "== profile_step.py $v" | tee -a "$out/$group.log"
       # shellcheck disable=SC2086
       timeout 400 "$py" benchmarks/profile_step.py $v >"$out/one.txt" 2>>"$out/$group.log" || echo "FAILED ($?): $v" | tee -a "$out/$group.log"

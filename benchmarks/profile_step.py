@@ -21,6 +21,10 @@ Times, in one process and interleaved repeat by repeat (alternating the order):
 * ``ours_float_input``: our step fed float images normalised beforehand, as the baseline is;
 * ``ours_reduce_window_pool``: the ImageNet stem's max-pool as ``nnx.max_pool`` (reduce_window,
   select-and-scatter gradient), as it was before ``resnet_jax.models.layers.max_pool``;
+* ``ours_dot_1x1``: every 1x1 convolution as an ``einsum`` (a matrix product) instead of a
+  convolution, so that XLA:GPU may fuse the BatchNorm-ReLU before it into the GEMM;
+  ``ours_dot_1x1_triton``: the same, with every dot through XLA's Triton GEMM emitter
+  (``xla_gpu_triton_gemm_any``);
 * ``--xla_options '{"label": {"xla_cpu_...": value}}'``: our step compiled with those XLA options
   too (every variant of ours is compiled with ``resnet_jax.train.compiler_options()``, as the
   Trainer compiles it);
@@ -28,9 +32,9 @@ Times, in one process and interleaved repeat by repeat (alternating the order):
 * ``linen``: the baseline of ``benchmarks/linen_resnet.py``; ``linen_cpu_options``: the same,
   compiled with our compiler options.
 
-The variants only patch ``BatchNorm.__call__`` or the stem's max-pool while tracing, or swap the
-step function (the package files are unchanged). Model options (``model.space_to_depth_stem``, ``remat``...) are
-compared with ``python -m resnet_jax.bench`` instead.
+The variants only patch ``BatchNorm.__call__``, ``nnx.Conv.__call__`` or the stem's max-pool while
+tracing, or swap the step function (the package files are unchanged). Model options
+(``model.space_to_depth_stem``, ``remat``...) are compared with ``python -m resnet_jax.bench``.
 For each it also prints what XLA compiled: FLOPs and bytes accessed (``cost_analysis``), temporary
 buffer bytes, and the number of fusions, convolutions and reductions in the optimized HLO.
 """
@@ -46,6 +50,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -81,29 +86,34 @@ def reshaped_bn(self, x):
     return y.reshape(x.shape).astype(self.dtype)
 
 
-@contextlib.contextmanager
-def batchnorm(fn):
-    layers.BatchNorm.__call__ = fn
-    try:
-        yield
-    finally:
-        layers.BatchNorm.__call__ = _ORIGINAL_BN
-
-
 def reduce_window_pool(x, window=3, stride=2, padding=1):
     """The stem's max-pool as ``nnx.max_pool`` computes it (and as the Linen baseline pools):
     ``lax.reduce_window``, whose gradient XLA compiles to a select-and-scatter."""
     return nnx.max_pool(x, (window, window), (stride, stride), ((padding, padding), (padding, padding)))
 
 
-@contextlib.contextmanager
-def stem_pool(fn):
-    original = resnet.max_pool
-    resnet.max_pool = fn
-    try:
-        yield
-    finally:
-        resnet.max_pool = original
+_ORIGINAL_CONV = nnx.Conv.__call__
+
+
+def dot_1x1(self, x):
+    """``nnx.Conv`` with the 1x1 kernels computed as a matrix product (a strided slice first for
+    stride 2): the same function and parameters. XLA:GPU hands a convolution to cuDNN as a custom
+    call, which no elementwise op fuses into; a dot can take the preceding BatchNorm-ReLU as its
+    operand's prologue (XLA's Triton GEMM fusions), which saves writing and reading that tensor."""
+    if self.kernel_size != (1, 1) or self.padding not in ("VALID", ((0, 0), (0, 0))):
+        return _ORIGINAL_CONV(self, x)
+    sh, sw = (self.strides,) * 2 if isinstance(self.strides, int) else self.strides
+    x = x[:, ::sh, ::sw].astype(self.dtype)
+    return jnp.einsum("nhwc,co->nhwo", x, self.kernel[0, 0].astype(self.dtype))
+
+
+def patched(bn=_ORIGINAL_BN, pool=None, conv=_ORIGINAL_CONV):
+    """The model's BatchNorm, stem max-pool and convolution replaced while tracing."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(layers.BatchNorm, "__call__", bn))
+    stack.enter_context(mock.patch.object(resnet, "max_pool", pool or resnet.max_pool))
+    stack.enter_context(mock.patch.object(nnx.Conv, "__call__", conv))
+    return stack
 
 
 def _sgd_step(state, batch, *, graphdef, tx, schedule, num_classes, label_smoothing, pixels):
@@ -153,13 +163,14 @@ class Variant:
         step_fn=train_step,
         bn=_ORIGINAL_BN,
         pool=None,
+        conv=_ORIGINAL_CONV,
         const_lr: bool = False,
         shardings: bool = True,
         float_input: bool = False,
         compiler_options: dict | None = None,
     ):
         self.label = label
-        self.bn = bn
+        self.patches = dict(bn=bn, pool=pool, conv=conv)
         t = base.trainer
         tx, schedule = t.tx, t.schedule
         if const_lr:  # the Linen baseline's optimizer: no schedule evaluated inside the step
@@ -193,7 +204,7 @@ class Variant:
             self.batch = dict(base.batch, image=images)
         if compiler_options is None:  # the Trainer's, as jitted for this backend
             compiler_options = train.compiler_options()
-        with batchnorm(bn), stem_pool(pool or resnet.max_pool):
+        with patched(**self.patches):
             self.compiled = jitted.lower(self.state, self.batch).compile(compiler_options=compiler_options)
 
     def step(self):
@@ -236,7 +247,7 @@ def residual_bytes(runner, base: bench.OurStep) -> int:
         model = nnx.merge(t.graphdef_train, params, runner.state["batch_stats"], copy=True)
         return model(image).sum()
 
-    with batchnorm(getattr(runner, "bn", _ORIGINAL_BN)):
+    with patched(**getattr(runner, "patches", {})):
         return bench.saved_residual_bytes(loss, runner.state["params"])
 
 
@@ -280,6 +291,11 @@ def main(argv=None):
         "ours_no_guard_const_lr_plain_jit": dict(step_fn=train_step_no_guard, const_lr=True, shardings=False),
         "ours_float_input": dict(float_input=True),
         "ours_reduce_window_pool": dict(pool=reduce_window_pool),
+        "ours_dot_1x1": dict(conv=dot_1x1),
+        # ... and every dot through XLA's Triton GEMM emitter (ignored off GPUs)
+        "ours_dot_1x1_triton": dict(
+            conv=dot_1x1, compiler_options={**train.compiler_options(), "xla_gpu_triton_gemm_any": True}
+        ),
     }
     xla_options = json.loads(a.xla_options)
     wanted += list(xla_options)
