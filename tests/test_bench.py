@@ -162,6 +162,7 @@ def test_linen_baseline_trains(linen, layout, size):
         model = linen.create_model(layout, num_classes=10, width=4)
     state = linen.create_train_state(model, size, rng=jax.random.key(0, impl="rbg"))
     before = jax.tree.map(np.asarray, state.batch_stats)
+    params_before = jax.tree.map(np.array, state.params)  # copies: the step donates the state
     step = linen.make_train_step(10)
     rng = np.random.default_rng(0)
     batch = {
@@ -173,6 +174,18 @@ def test_linen_baseline_trains(linen, layout, size):
     assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
     changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, jax.tree.map(np.asarray, state.batch_stats))
     assert any(jax.tree.leaves(changed))
+    # Every parameter moved in two SGD steps. The L2 decay alone moves the non-zero ones; the
+    # biases and the blocks' last BN scales start at zero, so only a gradient moves those.
+    params_after = jax.tree.map(np.asarray, state.params)
+    assert jax.tree.structure(params_after) == jax.tree.structure(params_before)
+    flat = jax.tree_util.tree_flatten_with_path(params_before)[0]
+    unchanged = [
+        jax.tree_util.keystr(p)
+        for (p, a), b in zip(flat, jax.tree.leaves(params_after), strict=True)
+        if np.array_equal(a, b)
+    ]
+    assert not unchanged, unchanged
+    assert sum(not a.any() for _, a in flat) >= 3  # fc bias, BN biases and zero scales among them
 
 
 def test_linen_baseline_rejects_unknown_layouts(linen):

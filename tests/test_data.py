@@ -300,11 +300,22 @@ def test_digits_are_scikit_learns_with_its_split():
 
 
 def test_digits_without_scikit_learns_file_fall_back_to_load_digits(monkeypatch):
+    """Without the CSV file, load_digits() gives the same arrays (values and dtypes) as the file."""
     import importlib.util
 
+    import sklearn.datasets
+
+    from_file, file_target = digits._raw_digits()
+    calls = []
+    load_digits = sklearn.datasets.load_digits
+    monkeypatch.setattr(sklearn.datasets, "load_digits", lambda: calls.append(1) or load_digits())
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     raw, target = digits._raw_digits()
+    assert calls == [1]  # the fallback was taken
     assert raw.shape == (1797, 8, 8) and target.shape == (1797,) and raw.max() == 16
+    assert raw.dtype == from_file.dtype and target.dtype == file_target.dtype
+    np.testing.assert_array_equal(raw, from_file)
+    np.testing.assert_array_equal(target, file_target)
 
 
 def test_importing_data_and_digits_does_not_import_tensorflow():
@@ -333,7 +344,8 @@ def test_importing_data_and_digits_does_not_import_tensorflow():
 
 
 def test_cifar10_under_mock_data(tmp_path, monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     from resnet_jax.data import tfds_datasets
     from resnet_jax.data.augment import CIFAR10_MEAN, CIFAR10_STD  # (imports TensorFlow)
 
@@ -378,7 +390,7 @@ def test_cifar10_under_mock_data(tmp_path, monkeypatch):
 
 
 def test_cifar_errors(tmp_path, monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
 
     def offline(self, *args, **kwargs):
         raise ConnectionError("no network")
@@ -397,7 +409,8 @@ def test_cifar_fails_fast_when_its_server_cannot_be_reached(tmp_path, monkeypatc
     minutes of retries; behind a proxy that direct try proves nothing and TFDS is asked instead."""
     import socket
 
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     from resnet_jax.data import tfds_datasets
 
     with socket.socket() as s:  # a port nobody listens on
@@ -493,9 +506,20 @@ def test_imagenet_eval_over_processes(imagenet_data_dir, process_count, global_b
         for p in range(process_count)
     ]
     assert len({len(h) for h in hosts}) == 1
-    masked = [b["label"][b["mask"] == 1] for h in hosts for b in h]
-    assert sum(len(m) for m in masked) == 4
-    assert sorted(np.concatenate(masked)) == sorted(single[0]["label"])
+
+    def examples(batches):
+        """The valid examples as (label, image bytes), sorted: a multiset of whole examples."""
+        return sorted(
+            (int(label), image.tobytes())
+            for b in batches
+            for image, label, valid in zip(b["image"], b["label"], b["mask"], strict=True)
+            if valid == 1
+        )
+
+    reference = examples(single)
+    assert len(reference) == 4 and len(set(reference)) == 4  # 4 distinct validation images
+    # Together the processes' valid examples are exactly the 4, each once: images and labels.
+    assert examples([b for h in hosts for b in h]) == reference
 
 
 def test_imagenet_missing_tars_raise_user_error(tmp_path):

@@ -84,7 +84,9 @@ def test_recipes_match_the_papers():
 
 
 def test_bad_config_argument():
-    with pytest.raises(Exception, match="resnet"):
+    """The config's own ValueError (not just the repeated path) reaches the flag's error."""
+    msg = "experiments/cifar10.py:resnet21: use resnet{20,32,44,56,110,1202} or plain{20,32,44,56,110}"
+    with pytest.raises(flags.IllegalFlagValueError, match=re.escape(msg)):
         load("cifar10.py:resnet21")
 
 
@@ -117,14 +119,17 @@ def test_sweep_runs_and_skips_finished(tmp_path):
     assert not (root / "tiny" / "seed1").exists()
 
 
-def test_sweep_writes_slurm_array(tmp_path):
+def test_sweep_writes_slurm_array(tmp_path, capsys):
     path = write_sweep(tmp_path)
     out = tmp_path / "sweep.sbatch"
     assert sweep.main([str(path), "--seeds", "3", "--root", str(tmp_path / "r"), "--slurm", str(out)]) == 0
     text = out.read_text()
     assert "#SBATCH --array=0-2" in text and text.count("resnet_jax.train") == 3 and "--config.seed=2" in text
-    with pytest.raises(SystemExit):  # never overwrite
-        sweep.main([str(path), "--seeds", "1", "--slurm", str(out)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # never overwrite: a usage error (2), the file as it was
+        sweep.main([str(path), "--seeds", "1", "--root", str(tmp_path / "r"), "--slurm", str(out)])
+    assert e.value.code == 2 and "exists; choose another --slurm path" in capsys.readouterr().err
+    assert out.read_text() == text
 
 
 def test_sweep_bad_file(capsys):

@@ -491,20 +491,28 @@ def test_checkpoint_from_8_devices_resumes_on_1_and_on_4_sharded(multi, runs, tm
         assert info["resumed_from"] == stopped and info["devices"] == n and info["processes"] == 1
         assert sorted(train_rows(wd)) == list(range(1, TOTAL + 1))
     r1, r4, r8, ra = train_rows(w1), train_rows(w4), train_rows(multi["wd"]), train_rows(runs["a"])
-    assert all(r1[s] == r8[s] == r4[s] for s in range(1, stopped + 1))  # the rows of the 8-device run
-    # The 2-process run itself trained as the 1-device run A did (BatchNorm over the global batch).
     before = range(1, stopped + 1)
+    after = range(stopped + 1, TOTAL + 1)
+    # Not rewritten: the rows up to the stop were copied with the workdir; the resumed runs keep
+    # them as they were (they neither truncate nor log those steps again).
+    for r in (r1, r4):
+        assert [r[s] for s in before] == [r8[s] for s in before]
+    # The 2-process run itself trained as the 1-device run A did (BatchNorm over the global batch).
     np.testing.assert_allclose(
         [r8[s]["train/loss"] for s in before], [ra[s]["train/loss"] for s in before], rtol=1e-4, atol=1e-5
     )
-    after = range(stopped + 1, TOTAL + 1)
+    # The rows the resumed runs wrote themselves continue those of the uninterrupted run A.
     for r in (r1, r4):
         np.testing.assert_allclose([r[s]["train/loss"] for s in after], [ra[s]["train/loss"] for s in after], rtol=1e-4)
+        np.testing.assert_allclose([r[s]["train/lr"] for s in after], [ra[s]["train/lr"] for s in after], rtol=1e-6)
+        assert [r[s]["train/nonfinite_steps"] for s in after] == [ra[s]["train/nonfinite_steps"] for s in after]
     _, s1 = restore(w1)
     _, s4 = restore(w4)
     _, sa = restore(runs["a"])
     for other in (s1, s4):
-        for (path, x), (_, y) in zip(*(jax.tree_util.tree_flatten_with_path(s)[0] for s in (other, sa))):
+        assert jax.tree_util.tree_structure(other) == jax.tree_util.tree_structure(sa)
+        flat = (jax.tree_util.tree_flatten_with_path(s)[0] for s in (other, sa))
+        for (path, x), (_, y) in zip(*flat, strict=True):
             np.testing.assert_allclose(
                 np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5, err_msg=jax.tree_util.keystr(path)
             )

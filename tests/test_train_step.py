@@ -71,17 +71,30 @@ def assert_same(a, b):
 
 
 @guards
-def test_a_good_step_updates_everything(guard):
+def test_a_good_step_updates_all_but_the_zero_initialised_branches(guard):
+    """Every BatchNorm statistic moves, and every parameter with a gradient: the stem, the fc
+    layer and each block's last BN (zero_init_last_bn: scale 0, yet a non-zero gradient). The
+    rest of each residual branch (conv1, bn1, conv2) gets exactly zero gradient through that zero
+    scale on the first step, so it and its momentum stay as they were."""
     step, state = make_step(optax.sgd(0.1, momentum=0.9), guard)
     before = host(state)
     new, metrics = step(state, batch())
     assert bool(metrics["finite"]) and bool(metrics["params_finite"])
     assert int(new["step"]) == 1 and int(new["nonfinite"]) == 0
-    for key in ("params", "batch_stats", "opt_state"):
-        changed = [
-            not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before[key]), jax.tree.leaves(host(new[key])))
-        ]
-        assert any(changed), key
+    after = host({k: new[k] for k in ("params", "batch_stats", "opt_state")})
+    blocks = [f"['stages'][{i}]['blocks'][0]" for i in range(3)]  # cifar_resnet8: 3 stages of 1 block
+    assert not any(np.any(s["blocks"][0]["bn2"]["scale"]) for s in before["params"]["stages"].values())
+    with_grad = {"['conv1']['kernel']", "['bn1']['scale']", "['bn1']['bias']", "['fc']['kernel']", "['fc']['bias']"}
+    with_grad |= {f"{b}['bn2']['{k}']" for b in blocks for k in ("scale", "bias")}
+
+    def changed(a, b):
+        fa, fb = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (a, b))
+        return {jax.tree_util.keystr(p) for (p, x), (_, y) in zip(fa, fb, strict=True) if not np.array_equal(x, y)}
+
+    assert changed(before["params"], after["params"]) == with_grad
+    assert changed(before["opt_state"], after["opt_state"]) == {f"[0].trace{p}" for p in with_grad}
+    stats = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(before["batch_stats"])[0]}
+    assert len(stats) == 2 * (1 + 2 * 3) and changed(before["batch_stats"], after["batch_stats"]) == stats
 
 
 @guards
@@ -264,5 +277,5 @@ def test_the_initialisation_is_compiled_light_to_the_same_values(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         np.testing.assert_array_equal(np.asarray(c), np.asarray(b))
     monkeypatch.setattr(train, "init_compiler_options", lambda: {"xla_cpu_no_such_option_anywhere": True})
-    with pytest.raises(jax.errors.JaxRuntimeError):
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_cpu_no_such_option_anywhere"):
         trainer.init_state()
