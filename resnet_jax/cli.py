@@ -69,8 +69,6 @@ def define_distributed_flags() -> None:
 def init_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
     """Starts JAX's multi-host runtime when asked by flags, or when SLURM (several tasks) or a
     multi-host TPU VM is detected; a single process needs nothing."""
-    import jax
-
     explicit = coordinator_address is not None or (num_processes or 1) > 1
     slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
     tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
@@ -78,6 +76,13 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
         return
     if explicit and (coordinator_address is None or num_processes is None or process_id is None):
         raise UserError("multi-host runs need --coordinator_address, --num_processes and --process_id together")
+    if explicit and not (num_processes >= 1 and 0 <= process_id < num_processes):
+        raise UserError(
+            f"--num_processes={num_processes} --process_id={process_id}: "
+            "use N >= 1 processes, numbered 0 to N-1 (each process gets its own --process_id)"
+        )
+    import jax
+
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
         # CPU collectives across processes go through gloo.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -152,14 +157,15 @@ def check_config_loaded(argv) -> None:
         _unreadable_config(argv, e)
 
 
-def check_model(config) -> None:
-    """The model's name and options (plain Python, before JAX is imported): the trainer's own
-    message for a bad one, at once."""
-    from resnet_jax.config import model_options
+def check_config(config) -> None:
+    """The model's name and options and the run's keys (plain Python, before JAX is imported):
+    the trainer's own message for a bad one, at once."""
+    from resnet_jax.config import check_run_config, model_options
     from resnet_jax.models.spec import resolve_options
 
     try:
         resolve_options(config.model.name, **model_options(config))
+        check_run_config(config)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -187,6 +193,11 @@ def _parse_flags(argv):
     try:
         parsed = flags.FLAGS(argv)
     except flags.Error as e:
+        if "Error whilst parsing config file" in str(e):  # get_config raised: its own last line
+            problem = _config_problem(e)
+            if "get_config() takes" in problem:  # a ':variant' the file does not take, or one missing
+                problem += " (the file's docstring lists its variants)"
+            fail(f"cannot load --config={_config_arg(argv)}: {problem}")
         msg = _flags_problem(e)
         if "--config." in msg:
             msg += "; give a value of the key's type (the keys and their defaults are in resnet_jax/config.py)"
@@ -222,7 +233,7 @@ def _train(argv) -> None:
         raise UserError("--config is required, e.g. --config=experiments/digits.py")
     if not f.workdir:
         raise UserError("--workdir is required")
-    check_model(f.config)
+    check_config(f.config)
     init_distributed(f.coordinator_address, f.num_processes, f.process_id)
     from resnet_jax.train import train_and_evaluate
 

@@ -133,6 +133,54 @@ def imagenet_modern_recipe(c: ml_collections.ConfigDict) -> ml_collections.Confi
     return c
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_run_config(config) -> None:
+    """The run-level keys that no later step refuses in time (model options: ``models.spec``;
+    dataset keys: ``resnet_jax.data``). Plain Python, before JAX is imported: raises
+    ``ValueError`` with one line naming the key and what is allowed."""
+    checks = [
+        ("batch_size", config.batch_size >= 1, "a positive number of images (the global batch)"),
+        ("seed", config.seed >= 0, "a non-negative integer"),
+        ("keep_checkpoints", config.keep_checkpoints >= 1, "at least 1 (the latest N checkpoints are kept)"),
+        (
+            "eval_every_epochs",
+            config.eval_every_epochs > 0,
+            "a positive number of epochs (> num_epochs: only at the end)",
+        ),
+        ("label_smoothing", 0 <= config.label_smoothing < 1, "a number in [0, 1)"),
+        ("learning_rate", config.learning_rate > 0, "a positive number (for batch 256)"),
+        ("momentum", 0 <= config.momentum < 1, "a number in [0, 1)"),
+        ("weight_decay", config.weight_decay >= 0, "a non-negative number"),
+        ("lr_decay_factor", config.lr_decay_factor > 0, "a positive number"),
+        ("warmup_epochs", config.warmup_epochs >= 0, "a non-negative number of epochs"),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"config.{key}={getattr(config, key)!r}; use {allowed}")
+    boundaries = config.lr_boundaries_steps
+    if boundaries is not None and not all(
+        (_is_int(b) or (isinstance(b, float) and b.is_integer())) and b >= 0 for b in boundaries
+    ):
+        raise ValueError(f"config.lr_boundaries_steps={tuple(boundaries)!r}; use step numbers, e.g. (32000, 48000)")
+    if not all(_is_number(e) and e >= 0 for e in config.lr_boundaries_epochs):
+        raise ValueError(
+            f"config.lr_boundaries_epochs={tuple(config.lr_boundaries_epochs)!r}; use epochs, e.g. (30, 60, 80)"
+        )
+    group = config.model.bn_group_size
+    if group and group > 0 and config.batch_size % group:
+        raise ValueError(
+            f"config.model.bn_group_size={group} does not divide config.batch_size={config.batch_size}; "
+            "use a divisor of the global batch (the paper: 32 images per group)"
+        )
+
+
 def model_options(config) -> dict[str, Any]:
     """The model options of ``config.model`` as ``create_model`` keyword arguments."""
     opts = {k: v for k, v in config.model.items() if k != "name"}

@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax import data
 from resnet_jax.checkpointing import Checkpointer, abstract_with_shardings
-from resnet_jax.config import model_options
+from resnet_jax.config import check_run_config, model_options
 from resnet_jax.errors import UserError
 from resnet_jax.logbook import Logbook, plot_curves
 from resnet_jax.models import create_model
@@ -475,6 +475,10 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
     try:
         problem = None
         try:
+            try:
+                check_run_config(config)
+            except ValueError as e:
+                raise UserError(str(e)) from None
             info = data.get_info(config.dataset)
             durations = Durations.from_config(config, info.num_train)
             trainer = Trainer(config, info, durations)  # model and batch/device errors, before any write

@@ -68,6 +68,11 @@ class Workdir:
         try:
             old = self.path / CONFIG_FILE
             ckpts = self.path / "checkpoints"
+            for d in (ckpts, self.path / "checkpoints-damaged"):
+                if not fresh and d.exists() and not d.is_dir():
+                    raise UserError(
+                        f"{d} is a file, not the run's checkpoint directory; move it away or choose another --workdir"
+                    )
             if not fresh and old.exists() and ckpts.exists() and any(ckpts.iterdir()):
                 try:
                     previous = json.loads(old.read_text())

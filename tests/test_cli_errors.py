@@ -274,6 +274,27 @@ def test_fresh_sets_the_old_run_aside(results):
         (["--config.model.name=resnet19", "--workdir=/nonexistent/wd"], "unknown depth 19"),
         (["--config.model.shortcut=Q", "--workdir=/nonexistent/wd"], "shortcut='Q'; valid: A, B, C"),
         (["--config.model.bn_momentum=1.5", "--workdir=/nonexistent/wd"], "bn_momentum=1.5"),
+        # The run's own keys (resnet_jax.config.check_run_config).
+        (["--config.batch_size=0", "--workdir=/nonexistent/wd"], "config.batch_size=0; use a positive"),
+        (["--config.seed=-1", "--workdir=/nonexistent/wd"], "config.seed=-1; use a non-negative integer"),
+        (["--config.keep_checkpoints=0", "--workdir=/nonexistent/wd"], "config.keep_checkpoints=0; use at least 1"),
+        (["--config.eval_every_epochs=-1", "--workdir=/nonexistent/wd"], "config.eval_every_epochs=-1.0"),
+        (["--config.label_smoothing=1.5", "--workdir=/nonexistent/wd"], "config.label_smoothing=1.5; use a number in"),
+        (["--config.lr_boundaries_steps=(8,x)", "--workdir=/nonexistent/wd"], "lr_boundaries_steps=('(8,x)',)"),
+        (
+            ["--config.model.bn_group_size=7", "--workdir=/nonexistent/wd"],  # digits: batch 128
+            "bn_group_size=7 does not divide config.batch_size=128",
+        ),
+        # A config file's own error for a variant it does not have, not ml_collections' first line.
+        (
+            ["--config=experiments/cifar10.py:resnet999", "--workdir=/nonexistent/wd"],
+            "cifar10.py:resnet999: use resnet{20,32,44,56,110,1202}",
+        ),
+        (["--config=experiments/digits.py:foo", "--workdir=/nonexistent/wd"], "docstring lists its variants"),
+        (
+            ["--workdir=/nonexistent/wd", "--coordinator_address=localhost:1", "--num_processes=0", "--process_id=5"],
+            "--num_processes=0 --process_id=5: use N >= 1 processes, numbered 0 to N-1",
+        ),
     ],
 )
 def test_command_line_errors_come_before_jax_is_imported(tmp_path, args, needle):
@@ -314,6 +335,23 @@ def test_evaluate_errors_come_before_jax_is_imported(tmp_path, case, needles):
     checkpoint = "banana" if case == "garbage_checkpoint" else "latest"
     p = run_without_jax(tmp_path, ["-m", "resnet_jax.evaluate", f"--workdir={workdir}", f"--checkpoint={checkpoint}"])
     assert_one_line_error(p, *needles, max_lines=1)
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "checkpoints-damaged"])
+def test_a_file_where_the_checkpoints_go_is_refused_before_anything_is_written(tmp_path, name):
+    """Found by hand: with a regular file named ``checkpoints``, the run wrote config.json,
+    run_info.json and metrics before Orbax failed with a traceback."""
+    from resnet_jax.errors import UserError
+    from resnet_jax.workdir import Workdir
+
+    (tmp_path / name).write_text("not a directory")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = snapshot(tmp_path)
+    wd = Workdir(tmp_path)
+    with pytest.raises(UserError, match=f"{name} is a file, not the run's checkpoint directory; move it away"):
+        wd.open({"model": {"name": "cifar_resnet8"}})
+    wd.close()
+    assert {k: v for k, v in snapshot(tmp_path).items() if k != ".lock"} == before
 
 
 @pytest.mark.parametrize(

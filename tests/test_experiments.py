@@ -14,7 +14,7 @@ from cli_env import user_env
 from ml_collections import config_flags
 
 from resnet_jax import sweep
-from resnet_jax.config import model_options
+from resnet_jax.config import check_run_config, model_options
 from resnet_jax.errors import UserError
 from resnet_jax.models import resolve_options
 
@@ -59,9 +59,11 @@ def load(spec: str):
 
 @pytest.mark.parametrize("spec", CONFIGS)
 def test_config_is_valid(spec):
-    """The config loads, its model options validate, and its docstring has a command and a target."""
+    """The config loads, its model options and run keys validate, and its docstring has a command
+    and a target."""
     c = load(spec)
     resolve_options(c.model.name, **{k: v for k, v in model_options(c).items()})
+    check_run_config(c)
     doc = (EXPERIMENTS / spec.split(":")[0]).read_text().split('"""')[1]
     assert "python -m resnet_jax" in doc and "Expected" in doc and "Compute" in doc
 
