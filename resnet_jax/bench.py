@@ -1130,6 +1130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     """Checks the arguments (and the model name) before any heavy work; raises BenchError."""
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        raise BenchError(f"--peak_tflops={args.peak_tflops}; give the device's dense peak in TFLOP/s, a number > 0")
     for key in ("batch_size", "image_size", "num_classes", "bn_group_size", "devices", "cores", "repeats", "width"):
         v = getattr(args, key)
         if v is not None and v < 1:
@@ -1170,6 +1172,8 @@ def read_results(paths: Sequence[str]) -> list[dict[str, Any]]:
             lines = Path(path).read_text().splitlines()
         except OSError as e:
             raise BenchError(f"cannot read {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise BenchError(f"cannot read {path}: not a text file; pass the output of --json runs") from None
         for line in lines:
             if line.startswith("{"):
                 try:
@@ -1184,7 +1188,19 @@ def read_results(paths: Sequence[str]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.markdown:
         results = read_results(args.markdown)
-        return {"mode": "sweep", "sweep": "files", "results": results, "markdown": markdown(results)}
+        try:
+            text = markdown(results)
+        except (KeyError, TypeError, ValueError) as e:  # a JSON line with some of a result's keys
+            raise BenchError(
+                f"a JSON line in {' '.join(args.markdown)} is not a complete bench result "
+                f"({type(e).__name__}: {e}); pass the output of --json runs"
+            ) from None
+        if not text:
+            raise BenchError(
+                f"no bench results in {' '.join(args.markdown)}: its JSON lines are not the output of "
+                "--json runs (a training run's metrics.jsonl?)"
+            )
+        return {"mode": "sweep", "sweep": "files", "results": results, "markdown": text}
     args.image_size = args.image_size or default_image_size(args.model)
     args.num_classes = args.num_classes or default_num_classes(args.model)
     if args.repeats is None:

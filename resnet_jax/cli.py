@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pathlib
 import sys
 from typing import NoReturn
 
@@ -58,6 +59,16 @@ def guarded(fn):
             fail(str(e))
 
     return wrapper
+
+
+def check_output_dir(path: pathlib.Path, label: str) -> None:
+    """Refuses a directory that cannot be created: ``path`` or an ancestor is a file."""
+    for q in (path, *path.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "is a file, not a directory" if q == path else f"is under {q}, a file, not a directory"
+                raise UserError(f"{label} {path} {where}; choose another path")
+            return
 
 
 def define_distributed_flags() -> None:
@@ -139,22 +150,11 @@ def _config_arg(argv) -> str:
     return "?"
 
 
-def _unreadable_config(argv, e: BaseException) -> None:
-    fail(
+def _unreadable_config(argv, e: BaseException) -> str:
+    return (
         f"cannot load --config={_config_arg(argv)} ({_config_problem(e)}); "
         "pass a readable experiment file, e.g. --config=experiments/digits.py"
     )
-
-
-def check_config_loaded(argv) -> None:
-    """ml_collections defers a config file's I/O errors to the first use of the config: surface
-    them here as one line."""
-    holder = flags.FLAGS["config"]
-    try:
-        if holder.value is not None:
-            holder.value.get("model")
-    except OSError as e:
-        _unreadable_config(argv, e)
 
 
 def check_config(config) -> None:
@@ -189,38 +189,55 @@ def _override_args(argv, key: str) -> list[str]:
     return [a for a in args if key in a[len("--config.") :].split(".")] or args
 
 
-def _parse_flags(argv):
-    try:
-        parsed = flags.FLAGS(argv)
-    except flags.Error as e:
+def config_error(argv, e: BaseException) -> str:
+    """The one line for an exception raised while parsing ``--config`` and its overrides."""
+    if isinstance(e, flags.Error):
         if "Error whilst parsing config file" in str(e):  # get_config raised: its own last line
             problem = _config_problem(e)
             if "get_config() takes" in problem:  # a ':variant' the file does not take, or one missing
                 problem += " (the file's docstring lists its variants)"
-            fail(f"cannot load --config={_config_arg(argv)}: {problem}")
+            return f"cannot load --config={_config_arg(argv)}: {problem}"
         msg = _flags_problem(e)
         if "--config." in msg:
             msg += "; give a value of the key's type (the keys and their defaults are in resnet_jax/config.py)"
-        fail(msg)
-    except AttributeError as e:  # an override of a key the config does not have (a KeyError inside)
+        return msg
+    if isinstance(e, AttributeError):  # an override of a key the config does not have (a KeyError inside)
         cause = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
         text = str(cause.args[0]) if isinstance(cause, KeyError) and cause.args else str(cause)
         key, _, hint = text.strip().strip("'\"").partition("\n")
         key = key.strip("'\"")
         names = ", ".join(_override_args(argv, key))
         hint = f" ({hint.strip()})" if hint.strip() else ""
-        fail(
+        return (
             f"unknown config key {key!r} in {names}{hint}; check the spelling "
             "(the keys and their defaults are in resnet_jax/config.py)"
         )
-    except SyntaxError as e:
-        fail(f"cannot load --config: {e.msg} ({e.filename}, line {e.lineno}); fix the file")
-    except OSError as e:  # a missing or unreadable file, when overrides are given too
-        _unreadable_config(argv, e)
+    if isinstance(e, SyntaxError):
+        return f"cannot load --config: {e.msg} ({e.filename}, line {e.lineno}); fix the file"
+    if isinstance(e, OSError):  # a missing or unreadable file
+        return _unreadable_config(argv, e)
+    return f"cannot load --config or apply an override: {_config_problem(e)}"
+
+
+def parse_config_flags(argv, flag_values=None):
+    """Parses ``argv`` into ``flag_values`` (absl's global flags by default), which define
+    ``--config``; any problem with the file or an override is a ``UserError`` of one line."""
+    fv = flags.FLAGS if flag_values is None else flag_values
+    try:
+        parsed = fv(argv)
+        if fv["config"].value is not None:
+            # ml_collections defers a config file's I/O errors to the first use of the config.
+            fv["config"].value.get("model")
     except Exception as e:  # noqa: BLE001 - config files fail with anything (IO, NameError in get_config)
-        fail(f"cannot load --config or apply an override: {_config_problem(e)}")
-    check_config_loaded(argv)
+        raise UserError(config_error(argv, e)) from None
     return parsed
+
+
+def _parse_flags(argv):
+    try:
+        return parse_config_flags(argv)
+    except UserError as e:
+        fail(str(e))
 
 
 @guarded

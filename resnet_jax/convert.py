@@ -21,10 +21,12 @@ is ignored. torch is imported only to read a ``.pth`` (``read_pth``), never on i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import re
 import sys
+import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -215,6 +217,7 @@ def _check_out_dir(out_dir: str | Path) -> None:
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out_dir} already exists and is not an empty directory; refusing to overwrite it")
+    cli.check_output_dir(out.absolute(), "--out")  # creatable: no file on the way
 
 
 def save_converted(
@@ -229,7 +232,10 @@ def save_converted(
 
     out = Path(out_dir).expanduser().resolve()  # Orbax needs absolute paths
     _check_out_dir(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out_dir}: {e.strerror or _one_line(e)}") from None
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / CHECKPOINT_SUBDIR, nnx.state(model))
         checkpointer.wait_until_finished()
@@ -282,6 +288,20 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def _check_torch_file(p: Path, path: str | Path) -> None:
+    """Refuses, without importing torch, a file that ``torch.save`` cannot have written: it writes
+    a zip archive (torch >= 1.6), or else a pickle (protocol 2 and up start with 0x80) or a tar."""
+    try:
+        with p.open("rb") as f:
+            head = f.read(4)
+        if head.startswith((b"PK\x03\x04", b"\x80")) or tarfile.is_tarfile(p):
+            return
+    except OSError as e:
+        raise UserError(f"cannot read --pth {path}: {e.strerror or _one_line(e)}") from None
+    what = "an empty file" if not head else "neither a zip archive nor a pickle"
+    raise UserError(f"--pth {path} is not a PyTorch file saved with torch.save ({what}); pass a state_dict .pth")
+
+
 def read_pth(path: str | Path) -> Mapping[str, Any]:
     """``torch.load`` of a ``.pth`` on the CPU, unwrapping ``{"state_dict": ...}``-style checkpoints.
 
@@ -289,12 +309,18 @@ def read_pth(path: str | Path) -> Mapping[str, Any]:
       UserError: torch is not installed, or the file is missing or unreadable.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"--pth {path} is a directory; pass the .pth file itself")
     if not p.is_file():
         raise UserError(f"--pth {path}: no such file")
+    needs_torch = "reading a .pth needs torch: pip install 'resnet_jax[torch]'"
+    if importlib.util.find_spec("torch") is None:  # without importing it (seconds)
+        raise UserError(needs_torch)
+    _check_torch_file(p, path)  # before torch's import, so that a wrong file costs nothing
     try:
         import torch
     except ImportError:
-        raise UserError("reading a .pth needs torch: pip install 'resnet_jax[torch]'") from None
+        raise UserError(needs_torch) from None
     try:
         # weights_only: a .pth is a pickle; never execute code from a downloaded file.
         obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -304,7 +330,10 @@ def read_pth(path: str | Path) -> Mapping[str, Any]:
         cause = " ".join(m.group(1).split()) if m else _one_line(e)
         raise UserError(f"cannot read {path} as a state_dict of tensors ({cause}); save model.state_dict()") from None
     except Exception as e:  # torch raises many types (zip, runtime, OS); all mean "unreadable"
-        raise UserError(f"cannot read {path}: {_one_line(e)}") from None
+        cause = f"{type(e).__name__}: {_one_line(e, limit=120)}"
+        raise UserError(
+            f"cannot read {path}: not a PyTorch file saved with torch.save, or a damaged one ({cause})"
+        ) from None
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):  # training-script checkpoints wrap the weights
             if isinstance(obj.get(key), Mapping):

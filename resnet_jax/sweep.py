@@ -14,31 +14,102 @@ from __future__ import annotations
 
 import json
 import pathlib
+import reprlib
 import runpy
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from resnet_jax import cli
 from resnet_jax.errors import UserError
 from resnet_jax.logbook import read_metrics
 
 
+def _exc(e: BaseException) -> str:
+    """``ExcType: first line of the message``, for one error line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+_RUN_FORMAT = "each run is a dict {'name': str, 'config': str, 'overrides': {key: value}} (overrides optional)"
+
+
+def _check_run(path: str, i: int, r: Any) -> None:
+    if not isinstance(r, Mapping):
+        raise UserError(f"{path}: run {i} of get_sweep() is {reprlib.repr(r)}, not a dict; {_RUN_FORMAT}")
+    if not {"name", "config"} <= set(r):
+        raise UserError(f"{path}: every run needs 'name' and 'config', got {reprlib.repr(dict(r))}")
+    name, config = r["name"], r["config"]
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise UserError(f"{path}: run {i} has name {name!r}; a name is a non-empty string without '/' (a directory)")
+    if not isinstance(config, str) or not config:
+        raise UserError(f"{path}: run {name!r} has config {config!r}; give a config file, e.g. 'experiments/digits.py'")
+    overrides = r.get("overrides", {})
+    if not isinstance(overrides, Mapping):
+        raise UserError(
+            f"{path}: run {name!r} has overrides of type {type(overrides).__name__}; "
+            "give a dict of config keys to values, e.g. {'num_steps': 100}"
+        )
+    bad = [k for k in overrides if not isinstance(k, str) or not k]
+    if bad:
+        raise UserError(f"{path}: run {name!r} has override keys {bad}; keys are config paths such as 'model.name'")
+
+
 def load_sweep(path: str) -> list[dict]:
     p = pathlib.Path(path)
+    if p.is_dir():
+        raise UserError(f"sweep file {path} is a directory; pass a .py file that defines get_sweep()")
     if not p.is_file():
         raise UserError(f"sweep file {path} not found")
     try:
-        runs = runpy.run_path(str(p))["get_sweep"]()
-    except KeyError:
-        raise UserError(f"{path} defines no get_sweep()") from None
-    for r in runs:
-        if not {"name", "config"} <= set(r):
-            raise UserError(f"{path}: every run needs 'name' and 'config', got {r}")
+        namespace = runpy.run_path(str(p))
+    except SyntaxError as e:
+        raise UserError(f"cannot load sweep file {path}: {e.msg} (line {e.lineno}); fix the file") from None
+    except Exception as e:  # noqa: BLE001 - a sweep file's top level can fail with anything (imports, I/O)
+        raise UserError(f"cannot load sweep file {path}: {_exc(e)}; fix the file") from None
+    if "get_sweep" not in namespace:
+        raise UserError(f"{path} defines no get_sweep()")
+    if not callable(namespace["get_sweep"]):
+        raise UserError(f"{path}: get_sweep is a {type(namespace['get_sweep']).__name__}, not a function")
+    try:
+        runs = namespace["get_sweep"]()
+    except Exception as e:  # noqa: BLE001 - the user's code
+        raise UserError(f"{path}: get_sweep() failed: {_exc(e)}") from None
+    if not isinstance(runs, list | tuple):
+        raise UserError(f"{path}: get_sweep() returned {reprlib.repr(runs)}, not a list of runs; {_RUN_FORMAT}")
+    if not runs:
+        raise UserError(f"{path} defines no runs: get_sweep() returned an empty list")
+    for i, r in enumerate(runs):
+        _check_run(path, i, r)
+    runs = [dict(r) for r in runs]
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: run names must be unique")
     return runs
+
+
+def check_overrides(runs: list[dict], extra: list[str]) -> None:
+    """Loads every run's config with its overrides (and ``extra``) and checks it as the trainer
+    does (``cli.parse_config_flags``, ``cli.check_config``), without JAX: an unknown key, a value
+    of the wrong type or a bad model name stops the sweep at once instead of failing every run."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    for r in runs:
+        argv = ["train", f"--config={r['config']}", "--config.seed=0", *_override_flags(r), *extra]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv, lock_config=True)
+        try:
+            cli.parse_config_flags(argv, fv)
+            cli.check_config(fv.config)
+        except UserError as e:
+            raise UserError(f"run {r['name']!r} (--config={r['config']}): {e}") from None
+
+
+def _override_flags(r: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in r.get("overrides", {}).items()]
 
 
 def expand(runs: list[dict], seeds: int, root: str, extra: list[str]) -> list[tuple[pathlib.Path, list[str]]]:
@@ -55,18 +126,28 @@ def expand(runs: list[dict], seeds: int, root: str, extra: list[str]) -> list[tu
                 f"--workdir={wd}",
                 f"--config.seed={seed}",
             ]
-            cmd += [f"--config.{k}={v}" for k, v in r.get("overrides", {}).items()]
+            cmd += _override_flags(r)
             jobs.append((wd, cmd + list(extra)))
     return jobs
 
 
 def finished(workdir: pathlib.Path) -> bool:
     """True when the run logged an evaluation at its last step."""
-    info = workdir / "run_info.json"
-    if not info.exists():
+    info_path = workdir / "run_info.json"
+    if not info_path.exists():
         return False
-    total = json.loads(info.read_text()).get("total_steps")
-    return any("eval/top1_acc" in r and r["step"] == total for r in read_metrics(workdir))
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{info_path} is not readable JSON ({_exc(e)}); fix the file or move it away") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{info_path} holds a {type(info).__name__}, not a run's info; fix the file or move it away")
+    total = info.get("total_steps")
+    try:
+        rows = read_metrics(workdir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the metrics of {workdir} ({_exc(e)}); fix or move away metrics.jsonl") from None
+    return any("eval/top1_acc" in r and r["step"] == total for r in rows)
 
 
 def slurm_script(jobs: list[tuple[pathlib.Path, list[str]]], log_dir: pathlib.Path) -> str:
@@ -105,20 +186,33 @@ def main(argv=None) -> int:
         if bad:
             raise UserError(f"unknown arguments {bad}; extra flags must look like --config.key=value")
         runs = load_sweep(args.sweep)
-        root = args.root or str(pathlib.Path("runs") / pathlib.Path(args.sweep).stem)
-        jobs = expand(runs, args.seeds, root, extra)
-        if args.slurm:
-            out = pathlib.Path(args.slurm)
+        root = pathlib.Path(args.root or pathlib.Path("runs") / pathlib.Path(args.sweep).stem)
+        cli.check_output_dir(root, "--root")
+        out = pathlib.Path(args.slurm) if args.slurm else None
+        if out is not None:  # every output path is checked before anything is created
             if out.exists():
                 raise UserError(f"{out} exists; choose another --slurm path")
-            (pathlib.Path(root) / "slurm_logs").mkdir(parents=True, exist_ok=True)
-            out.write_text(slurm_script(jobs, pathlib.Path(root) / "slurm_logs"))
+            if not out.parent.is_dir():
+                cli.check_output_dir(out.parent, f"--slurm {out}: directory")
+                raise UserError(
+                    f"--slurm {out}: directory {out.parent} does not exist; create it or choose another path"
+                )
+        check_overrides(runs, extra)
+        jobs = expand(runs, args.seeds, str(root), extra)
+        if out is not None:
+            log_dir = root / "slurm_logs"
+            try:
+                log_dir.mkdir(parents=True, exist_ok=True)
+                out.write_text(slurm_script(jobs, log_dir))
+            except OSError as e:
+                raise UserError(f"cannot write --slurm {out} or {log_dir}: {_exc(e)}") from None
             print(f"wrote {out} ({len(jobs)} array tasks): sbatch {out}")
             return 0
+        done = [finished(wd) for wd, _ in jobs]  # every run_info.json is read before a run starts
         failed = 0
         for i, (wd, cmd) in enumerate(jobs):
             tag = f"[{i + 1}/{len(jobs)}] {wd}"
-            if finished(wd):
+            if done[i]:
                 print(f"{tag}: finished, skipped", flush=True)
                 continue
             print(f"{tag}: {shlex.join(cmd[1:])}", flush=True)

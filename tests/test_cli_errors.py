@@ -371,3 +371,166 @@ def test_bad_flags_of_the_other_tools_are_one_line(argv, needle):
     usage block: the tools print one ``error:`` line and exit 2 as the trainer does."""
     p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=60)
     assert_one_line_error(p, needle, "(see --help)", max_lines=1)
+
+
+def in_process_error(capsys, main, argv: list[str], *needles: str) -> str:
+    """``main(argv)`` of a tool, in this process: one ``error:`` line and exit status 2 (returned
+    or raised as SystemExit); an exception (a traceback for a user) fails the test."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return assert_one_line_error(
+        subprocess.CompletedProcess(argv, code, captured.out, captured.err), *needles, max_lines=1
+    )
+
+
+def tree(path: pathlib.Path) -> dict[str, tuple]:
+    """Every file and directory under ``path`` (a directory's entry: None)."""
+    files = snapshot(path)
+    return {str(p.relative_to(path)): files.get(str(p.relative_to(path))) for p in sorted(path.rglob("*"))}
+
+
+SWEEP_FILES = {
+    "syntax_error": ("def get_sweep(:\n    return []\n", ["invalid syntax", "line 1", "fix the file"]),
+    "returns_none": ("def get_sweep():\n    return None\n", ["get_sweep() returned None", "not a list"]),
+    "returns_ints": ("def get_sweep():\n    return [1, 2]\n", ["run 0 of get_sweep() is 1, not a dict"]),
+    "overrides_list": (
+        "def get_sweep():\n    return [dict(name='a', config='experiments/digits.py', overrides=['x=1'])]\n",
+        ["run 'a' has overrides of type list", "dict"],
+    ),
+    "failing_import": (
+        "import no_such_module_xyz\n\ndef get_sweep():\n    return []\n",
+        ["cannot load sweep file", "ModuleNotFoundError", "no_such_module_xyz"],
+    ),
+    "get_sweep_raises": ("def get_sweep():\n    return {}['k']\n", ["get_sweep() failed: KeyError: 'k'"]),
+    "no_get_sweep": ("x = 1\n", ["defines no get_sweep()"]),
+    "no_runs": ("def get_sweep():\n    return []\n", ["defines no runs"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SWEEP_FILES))
+def test_sweep_broken_sweep_file_is_one_line(tmp_path, capsys, case):
+    """A sweep file that does not parse, import or return a list of run dicts: one line naming the
+    file and what is wrong (before: tracebacks; a KeyError inside get_sweep was reported as "defines
+    no get_sweep()", and no runs at all exited 0)."""
+    from resnet_jax import sweep
+
+    text, needles = SWEEP_FILES[case]
+    path = tmp_path / f"{case}.py"
+    path.write_text(text)
+    in_process_error(capsys, sweep.main, [str(path), "--root", str(tmp_path / "r"), "--dry_run"], str(path), *needles)
+    assert not (tmp_path / "r").exists()
+
+
+GOOD_SWEEP = "def get_sweep():\n    return [dict(name='a', config='experiments/digits.py')]\n"
+
+
+def test_sweep_garbage_run_info_is_one_line(tmp_path, capsys):
+    from resnet_jax import sweep
+
+    (tmp_path / "good.py").write_text(GOOD_SWEEP)
+    info = tmp_path / "r" / "a" / "seed0" / "run_info.json"
+    info.parent.mkdir(parents=True)
+    info.write_text('{"bad"')
+    before = tree(tmp_path)
+    argv = [str(tmp_path / "good.py"), "--root", str(tmp_path / "r")]
+    in_process_error(capsys, sweep.main, argv, str(info), "not readable JSON", "move it away")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("slurm_dir_missing", ["--slurm", "nodir does not exist"]),
+        ("slurm_under_a_file", ["--slurm", "a_file is a file, not a directory"]),
+        ("root_is_a_file", ["--root", "a_file is a file, not a directory"]),
+        ("root_under_a_file", ["--root", "is under", "a_file, a file"]),
+    ],
+)
+def test_sweep_output_paths_are_checked_before_anything_is_created(tmp_path, capsys, case, needles):
+    """Before: FileNotFoundError or NotADirectoryError tracebacks, after ROOT/slurm_logs was made."""
+    from resnet_jax import sweep
+
+    (tmp_path / "good.py").write_text(GOOD_SWEEP)
+    (tmp_path / "a_file").write_text("mine")
+    argv = {
+        "slurm_dir_missing": ["--root", str(tmp_path / "r"), f"--slurm={tmp_path / 'nodir' / 'x.sbatch'}"],
+        "slurm_under_a_file": ["--root", str(tmp_path / "r"), f"--slurm={tmp_path / 'a_file' / 'x.sbatch'}"],
+        "root_is_a_file": ["--root", str(tmp_path / "a_file"), f"--slurm={tmp_path / 'x.sbatch'}"],
+        "root_under_a_file": ["--root", str(tmp_path / "a_file" / "sub")],
+    }[case]
+    before = tree(tmp_path)
+    in_process_error(capsys, sweep.main, [str(tmp_path / "good.py"), *argv], *needles)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "overrides, extra, needles",
+    [
+        ("", ["--config.nope=1"], ["run 'a'", "unknown config key 'nope'", "--config.nope"]),
+        (", overrides={'model.name': 'nonet'}", [], ["run 'a'", "unknown model 'nonet'"]),
+    ],
+)
+def test_sweep_checks_the_overrides_once_before_jax(tmp_path, overrides, extra, needles):
+    """A bad override stops the sweep with one line before any run starts (before: every run was
+    launched, and each failed), without importing JAX."""
+    path = tmp_path / "sweep.py"
+    path.write_text(f"def get_sweep():\n    return [dict(name='a', config='experiments/digits.py'{overrides})]\n")
+    p = run_without_jax(tmp_path, ["-m", "resnet_jax.sweep", str(path), f"--root={tmp_path / 'r'}", *extra])
+    assert_one_line_error(p, *needles, max_lines=1)
+    assert p.stdout == "" and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("markdown_binary", ["not a text file", "--json"]),
+        ("markdown_metrics", ["no bench results", "metrics.jsonl"]),
+        ("peak_tflops_negative", ["--peak_tflops=-1.0", "> 0"]),
+        ("peak_tflops_zero", ["--peak_tflops=0.0", "> 0"]),
+    ],
+)
+def test_bench_bad_markdown_files_and_peak_are_one_line(tmp_path, capsys, monkeypatch, case, needles):
+    """Before: a UnicodeDecodeError traceback, an empty table with exit 0, a negative MFU."""
+    from resnet_jax import bench
+
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # prepare_environment may rewrite it
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.3}\n{"step": 2, "eval/top1_acc": 0.1}\n')
+    argv = {
+        "markdown_binary": ["--markdown", str(tmp_path / "binary.jsonl")],
+        "markdown_metrics": ["--markdown", str(tmp_path / "metrics.jsonl")],
+        "peak_tflops_negative": ["--model=cifar_resnet8", "--peak_tflops=-1"],
+        "peak_tflops_zero": ["--model=cifar_resnet8", "--peak_tflops=0"],
+    }[case]
+    in_process_error(capsys, bench.main, argv, *needles)
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("out_under_a_file", ["--out", "is under", "a_file, a file, not a directory"]),
+        ("pth_is_text", ["text.pth is not a PyTorch file saved with torch.save"]),
+        ("pth_is_a_directory", ["a_dir.pth is a directory"]),
+    ],
+)
+def test_convert_bad_out_and_pth_are_one_line(tmp_path, capsys, case, needles):
+    """Before: a NotADirectoryError traceback (after the .pth was read), "cannot read ...: 101" for a
+    text file, and "no such file" for a directory. No torch import is needed for these answers
+    (torch must be installed, as the test extras do: without it the answer is "needs torch")."""
+    from resnet_jax.convert import main as convert_main
+
+    (tmp_path / "a_file").write_text("mine")
+    (tmp_path / "text.pth").write_text("hello, not a state_dict\n")
+    (tmp_path / "a_dir.pth").mkdir()
+    pth, out = {
+        "out_under_a_file": ("text.pth", "a_file/sub"),
+        "pth_is_text": ("text.pth", "out"),
+        "pth_is_a_directory": ("a_dir.pth", "out"),
+    }[case]
+    before = tree(tmp_path)
+    argv = ["--model", "resnet18", "--pth", str(tmp_path / pth), "--out", str(tmp_path / out)]
+    in_process_error(capsys, convert_main, argv, *needles)
+    assert tree(tmp_path) == before
