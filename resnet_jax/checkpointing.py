@@ -3,9 +3,12 @@ latest N and the best by eval top-1, and a restore that survives damaged or inco
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import logging
 import pathlib
+from collections.abc import Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -34,6 +37,55 @@ def damaged_dir(workdir: str | pathlib.Path) -> pathlib.Path:
 def incomplete_steps(directory: pathlib.Path) -> list[pathlib.Path]:
     """Step directories a killed save left behind (no commit): Orbax writes to ``*.orbax-checkpoint-tmp*``."""
     return sorted(p for p in directory.glob("*") if ".orbax-checkpoint-tmp" in p.name) if directory.exists() else []
+
+
+def restore_problem(e: BaseException) -> str:
+    """The informative line of a failed Orbax restore: the innermost cause's first line (the
+    outer ones repeat a TensorStore spec), at most 200 characters."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop whose ``close`` first lets the tasks still on it finish.
+
+    Orbax runs each restore on a fresh loop and closes it as soon as the restore raises: the
+    sibling reads of a damaged checkpoint are then still in flight. TensorStore later calls into
+    the closed loop ("RuntimeError: Event loop is closed") and the failed tasks are garbage
+    collected unretrieved ("Task exception was never retrieved"): hundreds of lines after the
+    one-line error, in some runs (timing).
+    """
+
+    def close(self) -> None:
+        try:
+            if not self.is_closed() and not self.is_running():
+                pending = asyncio.all_tasks(self)
+                if pending:
+                    self.run_until_complete(asyncio.wait(pending, timeout=60))
+                self.run_until_complete(asyncio.sleep(0))  # done callbacks queued before the stop
+                for task in pending:
+                    if task.done() and not task.cancelled():
+                        task.exception()  # retrieved: the restore's own error is what is reported
+        finally:
+            super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _DrainingEventLoop
+
+
+@contextlib.contextmanager
+def drained_event_loops() -> Iterator[None]:
+    """Within the block, the event loops that Orbax creates finish their tasks before closing
+    (see ``_DrainingEventLoop``): a failed restore then raises quietly."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 class Checkpointer:
@@ -87,7 +139,8 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state):
         """Restores ``step`` onto the shardings of ``abstract_state`` (any mesh)."""
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        with drained_event_loops():  # a damaged step: its failed reads end before we go on
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
     def restore_latest(self, abstract_state):
         """The newest complete checkpoint that restores, as ``(state, step)``, or ``(None, 0)``.
@@ -103,7 +156,7 @@ class Checkpointer:
             try:
                 state = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                first = restore_problem(e)
                 log.warning(
                     "checkpoint %s is damaged (%s); falling back to the previous one", self.directory / str(step), first
                 )

@@ -28,7 +28,7 @@ MODELS = ("cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56")
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "degradation_digits.py"
 
 flags.DEFINE_string("workdir", "runs/demo", "output directory (one sub-directory per run)")
-flags.DEFINE_integer("num_steps", -1, "override the budget (steps per run) for a quick look")
+flags.DEFINE_integer("num_steps", None, "steps per run, for a quick look (default: the experiment's budget)")
 flags.DEFINE_list(
     "models",
     list(MODELS),
@@ -36,13 +36,22 @@ flags.DEFINE_list(
 )
 
 
-def demo_config(name: str, num_steps: int = -1):
-    """The shared budget, for model ``name``."""
+def check_num_steps(num_steps: int | None) -> None:
+    """``num_steps`` is None (the experiment's budget) or a positive number of steps."""
+    if num_steps is not None and num_steps < 1:
+        raise UserError(
+            f"--num_steps={num_steps}: give a positive number of steps, or leave it out for the full budget"
+        )
+
+
+def demo_config(name: str, num_steps: int | None = None):
+    """The shared budget (or ``num_steps`` steps), for model ``name``."""
+    check_num_steps(num_steps)
     if not CONFIG.exists():
         raise UserError(f"{CONFIG} is missing: run the demo from a checkout of resnet_jax")
     config = runpy.run_path(str(CONFIG))["get_config"]()
     config.model.name = name
-    if num_steps > 0:
+    if num_steps is not None:
         config.num_steps = num_steps
     return config
 
@@ -117,9 +126,11 @@ def check_models(models) -> tuple[str, ...]:
     return tuple(models)
 
 
-def run_demo(out_dir: str, num_steps: int = -1, models=MODELS) -> dict[str, dict[str, float]]:
-    """Trains ``models`` (skipping finished runs) and writes the figure and tables."""
+def run_demo(out_dir: str, num_steps: int | None = None, models=MODELS) -> dict[str, dict[str, float]]:
+    """Trains ``models`` (skipping finished runs) and writes the figure and tables; ``num_steps``
+    (None: the experiment's budget) must be positive."""
     models = check_models(models)
+    check_num_steps(num_steps)
     from resnet_jax.data import get_info
     from resnet_jax.schedules import Durations
     from resnet_jax.train import train_and_evaluate
@@ -142,6 +153,8 @@ def run_demo(out_dir: str, num_steps: int = -1, models=MODELS) -> dict[str, dict
 
 @cli.guarded
 def _main(argv) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; the demo takes flags only (see --help)")
     cli.setup_logging()
     run_demo(flags.FLAGS.workdir, flags.FLAGS.num_steps, flags.FLAGS.models)
 

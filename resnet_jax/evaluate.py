@@ -3,7 +3,8 @@
   python -m resnet_jax.evaluate --workdir=DIR [--checkpoint=latest|best|STEP] [--eval_crops=10]
 
 Prints one JSON object (step, eval/loss, eval/top1_acc, eval/top5_acc) and writes it to
-``DIR/eval_<step>.json``.
+``DIR/eval_<step>.json`` (``DIR/eval_<step>_<crops>crop.json`` with more than one crop, so that a
+10-crop result and a centre-crop one of the same step are both kept).
 """
 
 from __future__ import annotations
@@ -17,18 +18,36 @@ from resnet_jax import cli
 from resnet_jax.errors import UserError
 from resnet_jax.workdir import load_config_dict
 
+# What the data pipelines accept (resnet_jax.data.base.eval_crops): 10 is for imagenet2012 only.
+EVAL_CROPS = (1, 10)
+
 flags.DEFINE_string("workdir", None, "the training run's --workdir")
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval top-1) or a step number")
-flags.DEFINE_integer("eval_crops", None, "ImageNet: 10 for the paper's 10-crop testing")
+flags.DEFINE_integer("eval_crops", None, "1 (centre crop) or 10 (the paper's 10-crop testing, ImageNet only)")
+
+
+def result_path(workdir: str | pathlib.Path, step: int, crops: int = 1) -> pathlib.Path:
+    """Where the result of evaluating ``step`` with ``crops`` crops is written."""
+    suffix = "" if crops == 1 else f"_{crops}crop"
+    return pathlib.Path(workdir) / f"eval_{step}{suffix}.json"
 
 
 @cli.guarded
 def _main(argv) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; evaluate takes flags only, e.g. --workdir=DIR")
     f = flags.FLAGS
     if not f.workdir:
         raise UserError("--workdir is required")
-    if not pathlib.Path(f.workdir).is_dir():
+    workdir = pathlib.Path(f.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"workdir {f.workdir} is not a directory; give the --workdir (folder) of a training run")
+    if not workdir.is_dir():
         raise UserError(f"workdir {f.workdir} does not exist")
+    if f.eval_crops is not None and f.eval_crops not in EVAL_CROPS:
+        raise UserError(
+            f"--eval_crops={f.eval_crops}: use 1 (centre crop) or 10 (the paper's 10-crop testing, imagenet2012 only)"
+        )
     # What can be checked without JAX is, before JAX is imported: a mistyped path or checkpoint is
     # answered in a fraction of a second.
     load_config_dict(f.workdir)
@@ -37,10 +56,12 @@ def _main(argv) -> None:
     cli.setup_logging()
     from resnet_jax.train import evaluate_checkpoint
 
-    overrides = {"eval_crops": f.eval_crops} if f.eval_crops else None
+    overrides = {"eval_crops": f.eval_crops} if f.eval_crops is not None else None
     step, metrics = evaluate_checkpoint(f.workdir, f.checkpoint, overrides)
     out = {"step": step, **metrics}
-    (pathlib.Path(f.workdir) / f"eval_{step}.json").write_text(json.dumps(out, indent=2))
+    # The crops the evaluation used (the run's own setting unless --eval_crops; valid by now).
+    crops = f.eval_crops or int(load_config_dict(f.workdir)["dataset"].get("eval_crops", 1))
+    result_path(f.workdir, step, crops).write_text(json.dumps(out, indent=2))
     print(json.dumps(out))
 
 

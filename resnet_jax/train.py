@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax import data
-from resnet_jax.checkpointing import Checkpointer, abstract_with_shardings
+from resnet_jax.checkpointing import Checkpointer, abstract_with_shardings, restore_problem
 from resnet_jax.config import check_run_config, model_options
 from resnet_jax.errors import UserError
 from resnet_jax.logbook import Logbook, plot_curves
@@ -653,9 +653,9 @@ def evaluate_checkpoint(
         try:
             state = ckpt.restore(step, trainer.abstract_state)
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint is a one-line error here
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(
-                f"checkpoint {ckpt.directory / str(step)} cannot be restored ({first}); try another --checkpoint"
+                f"checkpoint {ckpt.directory / str(step)} cannot be restored ({restore_problem(e)}); "
+                "try another --checkpoint"
             ) from None
     finally:
         ckpt.close()

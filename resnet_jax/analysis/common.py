@@ -87,6 +87,8 @@ def require_workdir(path: str | pathlib.Path) -> pathlib.Path:
       UserError: it does not exist, or is not a training run's directory.
     """
     p = pathlib.Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"workdir {p} is not a directory; give the --workdir (folder) of a training run")
     if not p.is_dir():
         raise UserError(f"workdir {p} does not exist")
     if not (p / CONFIG_FILE).is_file():
@@ -187,6 +189,18 @@ def labels_for(runs: Sequence[str], labels: Sequence[str] | None) -> list[str]:
             raise UserError(f"--labels has {len(labels)} entries for {len(runs)} runs; give one label per run")
         return list(labels)
     return unique_labels([run_label(read_config(r)) for r in runs], runs)
+
+
+def check_distinct_runs(runs: Sequence[str | pathlib.Path]) -> None:
+    """Raises a ``UserError`` naming a run directory given twice (as the same or another path):
+    it would be plotted twice, or counted as two seeds."""
+    seen: dict[pathlib.Path, str | pathlib.Path] = {}
+    for run in runs:
+        key = pathlib.Path(run).resolve()
+        if key in seen:
+            also = "" if str(seen[key]) == str(run) else f" (as {seen[key]} and {run})"
+            raise UserError(f"the run {run} is given twice{also}; give each run directory once")
+        seen[key] = run
 
 
 def check_distinct(labels: Sequence[str]) -> None:
@@ -340,15 +354,27 @@ class RunLoader:
             return self.steps[-1]
         if str(step).isdigit() and int(step) in self.steps:
             return int(step)
-        raise UserError(f"{self.workdir}: no checkpoint at step {step!r}; kept steps: {self.steps}")
+        shown = step if str(step).isdigit() else repr(step)
+        raise UserError(f"{self.workdir}: no checkpoint at step {shown}; kept steps: {self.steps}")
 
     def model(self, step: int):
-        """The network of checkpoint ``step`` (eval mode: BatchNorm uses its running statistics)."""
-        from resnet_jax.checkpointing import Checkpointer
+        """The network of checkpoint ``step`` (eval mode: BatchNorm uses its running statistics).
+
+        Raises:
+          UserError: the checkpoint cannot be restored (damaged or missing files).
+        """
+        from resnet_jax.checkpointing import Checkpointer, restore_problem
 
         ckpt = Checkpointer(self.workdir, read_only=True)
         try:
             state = ckpt.restore(step, self.trainer.abstract_state)
+        except Exception as e:  # noqa: BLE001 - any failure to read is a damaged checkpoint here
+            others = [s for s in self.steps if s != step]
+            hint = f"analyse another step (kept: {others})" if others else "train the run again"
+            raise UserError(
+                f"{self.workdir}: checkpoint {step} cannot be restored ({restore_problem(e)}); "
+                f"it is damaged or incomplete: {hint}"
+            ) from None
         finally:
             ckpt.close()
         return self._network(state)

@@ -114,6 +114,7 @@ def _parser() -> cli.ArgumentParser:
 def _run(args) -> int:
     for r in args.runs:
         common.require_workdir(r)
+    common.check_distinct_runs(args.runs)
     labels = common.labels_for(args.runs, args.labels)
     common.check_distinct(labels)
     out = common.check_output(args.out, args.overwrite)

@@ -200,6 +200,7 @@ def _run(args) -> int:
         raise UserError(f"--labels has {len(args.labels)} entries for {n_sources} runs and models")
     for r in args.runs:
         common.require_workdir(r)
+    common.check_distinct_runs(args.runs)
     out = common.check_output(args.out, args.overwrite)
     json_out = common.check_output(args.json, args.overwrite, (".json",)) if args.json else None
     if args.batch_size < 1:
@@ -226,16 +227,18 @@ def _run(args) -> int:
     run_labels = common.labels_for(args.runs, labels[: len(args.runs)] or None) if args.runs else []
     model_labels = labels[len(args.runs) :] or [f"{common.pretty_model_name(m)}, init" for m in args.models]
     common.check_distinct(run_labels + model_labels)
-    # Every run and step is checked before the first (slow) gradient, so a typo fails at once.
+    # Every run and step is checked, and every checkpoint restored, before the first (slow)
+    # gradient: a typo or a damaged checkpoint fails at once.
     plan = []
     for workdir in args.runs:
         loader = common.RunLoader(workdir)
         steps = args.steps if args.steps is not None else [0, loader.resolve_step("latest")]
         plan.append((loader, [s if s == 0 else loader.resolve_step(s) for s in dict.fromkeys(steps)]))
-    for workdir, base, (loader, steps) in zip(args.runs, run_labels, plan):
+    restored = [{s: loader.model(s) for s in steps if s != 0} for loader, steps in plan]
+    for workdir, base, (loader, steps), models in zip(args.runs, run_labels, plan, restored):
         cfg = loader.config.to_dict()
         for step in steps:
-            model = loader.init() if step == 0 else loader.model(step)
+            model = loader.init() if step == 0 else models.pop(step)
             batch = common.train_batch(loader.config.dataset, args.batch_size, seed=loader.config.seed, step=step)
             label = f"{base}, init" if step == 0 else f"{base}, iter {step}"
             analyse(label, model, batch, common.is_plain(cfg), workdir=str(workdir), step=step)
@@ -260,6 +263,7 @@ def _run(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0, or 2 after a one-line ``error: ...``)."""
     args = _parser().parse_args(argv)
+    cli.setup_logging()  # e.g. Orbax's "Given directory is read only" on opening the checkpoints
     return common.run_main(lambda: _run(args))
 
 

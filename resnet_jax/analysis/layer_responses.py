@@ -220,8 +220,11 @@ def _run(args) -> int:
         raise UserError(f"--labels has {len(args.labels)} entries for {n_sources} runs and models")
     for r in args.runs:
         common.require_workdir(r)
+    common.check_distinct_runs(args.runs)
     out = common.check_output(args.out, args.overwrite)
     json_out = common.check_output(args.json, args.overwrite, (".json",)) if args.json else None
+    if args.checkpoint != "latest" and not args.checkpoint.isdigit():
+        raise UserError(f"--checkpoint={args.checkpoint!r}: use 'latest' or a checkpoint step number")
     if args.num_images < 1:
         raise UserError(f"--num_images={args.num_images}; must be positive")
     if args.batch_size < 1:
@@ -249,11 +252,12 @@ def _run(args) -> int:
     run_labels = common.labels_for(args.runs, labels[: len(args.runs)] or None) if args.runs else []
     model_labels = labels[len(args.runs) :] or [f"{common.pretty_model_name(m)} (init)" for m in args.models]
     common.check_distinct(run_labels + model_labels)
-    # Every run and checkpoint is checked before the first (slow) forward pass.
+    # Every run and checkpoint is checked, and restored, before the first (slow) forward pass.
     plan = [(common.RunLoader(w), label) for w, label in zip(args.runs, run_labels)]
     plan = [(loader, loader.resolve_step(args.checkpoint), label) for loader, label in plan]
-    for loader, step, label in plan:
-        values = responses(loader.model(step), images_for(loader.config.dataset))
+    plan = [(loader, step, label, loader.model(step)) for loader, step, label in plan]
+    for loader, step, label, model in plan:
+        values = responses(model, images_for(loader.config.dataset))
         cfg = loader.config.to_dict()
         results[label] = {"workdir": str(loader.workdir), "step": step, "model": cfg["model"]["name"], "std": values}
         if common.is_plain(cfg):
@@ -285,6 +289,7 @@ def _run(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0, or 2 after a one-line ``error: ...``)."""
     args = _parser().parse_args(argv)
+    cli.setup_logging()  # e.g. Orbax's "Given directory is read only" on opening the checkpoints
     return common.run_main(lambda: _run(args))
 
 

@@ -183,6 +183,8 @@ def final_test_error(workdir: str | pathlib.Path) -> tuple[int, float] | None:
 def find_workdirs(root: str | pathlib.Path) -> list[pathlib.Path]:
     """Every run directory under ``root`` (``root`` included): the folders holding a ``config.json``."""
     root = pathlib.Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--root {root} is not a directory; give the folder that holds the run directories")
     if not root.is_dir():
         raise UserError(f"--root {root} does not exist")
     return sorted(p.parent for p in root.rglob(CONFIG_FILE))
@@ -316,6 +318,7 @@ def _run(args) -> int:
         raise UserError("give --runs DIR... or --root DIR")
     for r in args.runs:
         common.require_workdir(r)
+    common.check_distinct_runs(args.runs)
     workdirs = [pathlib.Path(r) for r in args.runs]
     if args.root:
         found = find_workdirs(args.root)
