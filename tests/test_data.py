@@ -522,6 +522,61 @@ def test_imagenet_eval_over_processes(imagenet_data_dir, process_count, global_b
     assert examples([b for h in hosts for b in h]) == reference
 
 
+def _break_train_tar(path, how: str) -> None:
+    import tarfile
+
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:20000])
+    elif how == "not_a_tar":
+        path.write_text("this is not a tar\n")
+    else:  # a valid tar with nothing in it
+        tarfile.open(path, "w").close()
+
+
+@pytest.mark.parametrize("how", ["truncated", "not_a_tar", "empty_tar"])
+def test_imagenet_broken_tars_raise_user_error(tmp_path, how):
+    """A truncated, foreign or empty train tar: one UserError naming the tars and their expected
+    sizes (before: tarfile.ReadError or TFDS's "No examples were yielded" tracebacks)."""
+    from imagenet_tars import make_fake_imagenet_tars
+
+    manual_dir = tmp_path / "manual"
+    make_fake_imagenet_tars(str(manual_dir))
+    _break_train_tar(manual_dir / "ILSVRC2012_img_train.tar", how)
+    cfg = imagenet_cfg(str(tmp_path / "data"), str(manual_dir))
+    with pytest.raises(UserError, match=rf"cannot prepare imagenet2012 from the tars in {manual_dir} \(") as e:
+        data.get_info(cfg)
+    assert "147,897,477,120 and 6,744,924,160 bytes" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["imagenet2012", "cifar10"])
+@pytest.mark.parametrize("where", ["is_a_file", "under_a_file"])
+def test_a_data_dir_that_cannot_be_a_directory_raises_user_error(tmp_path, name, where):
+    """Before: NotADirectoryError from deep in TFDS (ImageNet), or "not prepared ... could not be
+    downloaded" (CIFAR), which did not say why."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    data_dir = afile if where == "is_a_file" else afile / "sub"
+    cfg = dataset_cfg(name=name, data_dir=str(data_dir), manual_dir=str(tmp_path))
+    with pytest.raises(UserError, match=r"config\.dataset\.data_dir .*afile.* a file, not a directory"):
+        data.get_info(cfg)
+    assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_a_prepared_dataset_missing_a_shard_raises_user_error(imagenet_data_dir, tmp_path, split):
+    """A record file of a prepared split deleted afterwards: refused when the run starts (before:
+    TensorFlow's NotFoundError mid-epoch, or at the first evaluation after training)."""
+    import shutil
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(imagenet_data_dir[0], data_dir)
+    (shard,) = data_dir.glob(f"imagenet2012/*/imagenet2012-{split}.tfrecord-*")
+    shard.unlink()
+    cfg = imagenet_cfg(str(data_dir), imagenet_data_dir[1])
+    with pytest.raises(UserError, match=rf"is damaged: 1 file\(s\) of its '{split}' split are missing"):
+        data.get_info(cfg)
+
+
 def test_imagenet_missing_tars_raise_user_error(tmp_path):
     manual_dir = tmp_path / "manual"
     manual_dir.mkdir()

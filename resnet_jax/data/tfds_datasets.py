@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pathlib
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -43,6 +44,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from resnet_jax import cli
 from resnet_jax.data import augment, base
 from resnet_jax.errors import UserError
 
@@ -53,6 +55,8 @@ except RuntimeError:  # TensorFlow already initialised its devices (someone impo
     pass
 
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+# The sizes of image-net.org's files, to tell a truncated download from a complete one.
+IMAGENET_TAR_BYTES = "147,897,477,120 and 6,744,924,160 bytes"
 # Paper 1's CIFAR validation protocol: train on the first 45k training images, test on the last 5k.
 CIFAR_TRAIN_HOLDOUT = 45_000
 _STREAM_END = 2**62  # "infinite" for tf.data ranges
@@ -131,7 +135,10 @@ def _manual_dir(dataset_cfg: Any, builder) -> str:
 def _prepared_builder(dataset_cfg: Any):
     """A TFDS builder whose data is prepared, preparing it (download / manual tars) if needed."""
     name = base.dataset_name(dataset_cfg)
-    builder = tfds.builder(name, data_dir=base.cfg_get(dataset_cfg, "data_dir"))
+    configured = base.cfg_get(dataset_cfg, "data_dir")
+    if configured and "://" not in os.fspath(configured):  # a local path: TFDS fails deep inside
+        cli.check_output_dir(pathlib.Path(configured).expanduser().absolute(), "config.dataset.data_dir")
+    builder = tfds.builder(name, data_dir=configured)
     if builder.is_prepared():
         return builder
     data_dir = os.fspath(builder.data_dir_root)
@@ -157,7 +164,16 @@ def _prepared_builder(dataset_cfg: Any):
         logging.warning(
             "Preparing imagenet2012 in %s from the tars in %s (hours for the full dataset).", data_dir, manual_dir
         )
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        try:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        except Exception as error:  # noqa: BLE001 - truncated, empty or foreign tars fail in many ways
+            lines = str(error).strip().splitlines()
+            why = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+            raise UserError(
+                f"cannot prepare imagenet2012 from the tars in {manual_dir} ({why}): check that they are "
+                f"the complete downloads ({IMAGENET_TAR_BYTES}), then run again: the next run prepares "
+                f"data_dir {data_dir} anew."
+            ) from None
         return builder
 
     def cannot_download(why: str) -> UserError:
@@ -204,6 +220,21 @@ def _split_sizes(builder, name: str) -> dict[str, int]:
     return {split_name: split.num_examples for split_name, split in splits.items()}
 
 
+def _check_shards(builder, name: str, splits: tuple[str, ...]) -> None:
+    """Every record file of ``splits`` is in the prepared data_dir: a deleted or lost shard would
+    otherwise stop the run mid-epoch (or at its first evaluation) with TensorFlow's NotFoundError."""
+    if not builder.info.splits:  # mocked (tfds.testing.mock_data): no files to check
+        return
+    present = set(tf.io.gfile.listdir(os.fspath(builder.data_dir)))
+    for split in splits:
+        missing = [f for f in builder.info.splits[split].filenames if f not in present]
+        if missing:
+            raise UserError(
+                f"{name} in {builder.data_dir} is damaged: {len(missing)} file(s) of its {split!r} split are "
+                f"missing (e.g. {missing[0]}); delete {builder.data_dir} and run again to prepare it anew."
+            )
+
+
 def _layout(dataset_cfg: Any) -> tuple[Any, _Slice, _Slice, int, int]:
     """Prepares the dataset and returns (builder, train slice, eval slice, image size, eval crops)."""
     name = base.dataset_name(dataset_cfg)
@@ -229,6 +260,7 @@ def _layout(dataset_cfg: Any) -> tuple[Any, _Slice, _Slice, int, int]:
                 f"{name} in {builder.data_dir} has no {split!r} split (found: {', '.join(sizes)}); "
                 "rebuild it with all its source files present."
             )
+    _check_shards(builder, name, (spec.train_split, spec.eval_split))
     if validation_split:
         n = sizes[spec.train_split]
         train = _Slice(spec.train_split, 0, min(CIFAR_TRAIN_HOLDOUT, n))
