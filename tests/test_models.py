@@ -9,6 +9,7 @@ scanned stages (``nnx.vmap`` over the block constructor) is slow on CPU.
 
 from __future__ import annotations
 
+import re
 import time
 
 import jax
@@ -875,3 +876,18 @@ def test_none_means_default():
         resolve_options("resnet50")["shortcut"] == "B" and resolve_options("cifar_preact_resnet164")["shortcut"] == "B"
     )
     assert resolve_options("plain34")["shortcut"] == "none" and resolve_options("resnet34")["width"] == 64
+
+
+def test_a_wrong_input_shape_is_named_before_the_first_convolution():
+    """Found by probing the API: a single image or NCHW input failed inside the first convolution
+    ("not enough values to unpack", "lhs feature dimension ... 32 // 1 != 3")."""
+    model = create_model("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
+    for shape, hint in [
+        ((32, 32, 3), "a single image needs x[None]"),
+        ((2, 3, 32, 32), "NCHW input needs x.transpose(0, 2, 3, 1)"),
+        ((2, 32, 32, 1), ""),
+        ((1, 2, 32, 32, 3), ""),
+    ]:
+        expected = re.escape(f"[N, H, W, 3] (NHWC), got shape {shape}") + ".*" + re.escape(hint)
+        with pytest.raises(ValueError, match=expected):
+            model(jnp.zeros(shape))

@@ -156,6 +156,13 @@ class ResNet(nnx.Module):
         return self.fc(x).astype(jnp.float32)
 
     def _forward(self, x: jax.Array, capture: bool) -> tuple[jax.Array, list[dict]]:
+        if x.ndim != 4 or x.shape[-1] != 3:
+            # A shape error from the first convolution names its dimension numbers, not the cause.
+            raise ValueError(
+                f"expected a batch of RGB images [N, H, W, 3] (NHWC), got shape {tuple(x.shape)}"
+                + ("; a single image needs x[None]" if x.ndim == 3 and x.shape[-1] == 3 else "")
+                + ("; NCHW input needs x.transpose(0, 2, 3, 1)" if x.ndim == 4 and x.shape[1] == 3 else "")
+            )
         x = self.stem_forward(x)
         parts = []
         for stage in self.stages:
