@@ -53,6 +53,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -146,17 +147,55 @@ def use_fast_prng() -> None:
     jax.config.update("jax_default_prng_impl", "rbg")
 
 
-def prepare_environment(args: argparse.Namespace) -> None:
-    """Sets XLA flags, simulated devices and the CPU affinity; must run before JAX's backends start."""
+def planned_xla_flags(args: argparse.Namespace) -> list[str]:
+    """The XLA_FLAGS that ``prepare_environment`` sets: the environment's, plus those of ``args``."""
     flags = os.environ.get("XLA_FLAGS", "").split()
     if args.devices:
         flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
         flags.append(f"--xla_force_host_platform_device_count={args.devices}")
-        os.environ["JAX_PLATFORMS"] = "cpu"
     if args.xla_gpu_flags:
         flags += args.xla_gpu_flags.split()
     if args.xla_flags:
         flags += args.xla_flags.split()
+    return flags
+
+
+def check_xla_flags(args: argparse.Namespace, timeout: float = 60.0) -> None:
+    """With ``--xla_flags``: starts JAX's backend with the XLA_FLAGS this run would set in a short
+    child process, so that flags XLA refuses (it aborts the process with a fatal log line) become
+    one ``error:`` line here. A child that hangs or fails without such a line lets the run go on."""
+    if not args.xla_flags:
+        return
+    env = dict(os.environ, XLA_FLAGS=" ".join(planned_xla_flags(args)), XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    if args.devices:
+        env["JAX_PLATFORMS"] = "cpu"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        p = subprocess.run(
+            [sys.executable, "-c", "import jax; jax.devices()"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        log(f"warning: could not check --xla_flags within {timeout:.0f} s; going on")
+        return
+    if p.returncode == 0:
+        return
+    # glog's fatal line: "F1203 16:26:37.424162    8548 parse_flags_from_env.cc:171] <message>"
+    fatal = [m.group(1) for m in re.finditer(r"^F\d{4} [^\]]*\] (.*)$", p.stderr, re.MULTILINE)]
+    if fatal:
+        raise BenchError(f"--xla_flags={args.xla_flags}: XLA refused them ({fatal[-1].strip()})")
+
+
+def prepare_environment(args: argparse.Namespace) -> None:
+    """Sets XLA flags, simulated devices and the CPU affinity; must run before JAX's backends start."""
+    flags = planned_xla_flags(args)
+    if args.devices:
+        os.environ["JAX_PLATFORMS"] = "cpu"
     if flags:
         os.environ["XLA_FLAGS"] = " ".join(flags)
     if args.compare and not args.no_torch:
@@ -694,7 +733,7 @@ def run_bn_compare(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     n = jax.device_count()
-    group = args.bn_group_size or max(1, args.batch_size // n)
+    group = check_bn_groups(args, n)
     out = base_result(args)
     out.update(mode="bn_compare", bn_group_size=group)
     log(f"compiling global BN and bn_group_size={group} on {n} devices")
@@ -1128,8 +1167,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Checks the arguments (and the model name) before any heavy work; raises BenchError."""
+# The modes ``run`` dispatches to, one per run: with two, all but one would be silently ignored.
+# (--compare and --input_fed are both parts of the default mode and go together.)
+MODES = ("markdown", "sweep", "input_pipeline", "remat_compare", "bn_compare", "compare", "input_fed")
+# --devices simulates CPU devices (--xla_force_host_platform_device_count); far more start for minutes.
+MAX_SIMULATED_DEVICES = 1024
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks of the arguments alone, before the environment is touched; raises BenchError."""
     if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
         raise BenchError(f"--peak_tflops={args.peak_tflops}; give the device's dense peak in TFLOP/s, a number > 0")
     for key in ("batch_size", "image_size", "num_classes", "bn_group_size", "devices", "cores", "repeats", "width"):
@@ -1140,6 +1186,52 @@ def validate(args: argparse.Namespace) -> None:
         raise BenchError("--steps and --warmup must be >= 0")
     if args.steps == 0 and (args.compare or args.bn_compare):
         raise BenchError("--compare and --bn_compare time steps: use --steps >= 1")
+    given = [m for m in MODES if getattr(args, m)]
+    for i, a in enumerate(given):
+        for b in given[i + 1 :]:
+            if {a, b} != {"compare", "input_fed"}:
+                raise BenchError(f"--{a} and --{b} are separate modes (one would be ignored): run them one at a time")
+    for key in ("ip_images", "ip_batches", "ip_batch_size", "ip_image_size"):
+        v = getattr(args, key)
+        if v < 1:
+            raise BenchError(f"--{key}={v}; must be a positive integer")
+    if args.devices is not None and args.devices > MAX_SIMULATED_DEVICES:
+        raise BenchError(
+            f"--devices={args.devices} simulated CPU devices is too many: use at most {MAX_SIMULATED_DEVICES}"
+        )
+    if args.s2d_stem and args.image_size is not None and args.image_size % 2:
+        raise BenchError(
+            f"--s2d_stem needs an even --image_size (got {args.image_size}): "
+            "the model skips the space-to-depth stem for odd sizes"
+        )
+    if args.bn_compare:
+        check_bn_groups(args, args.devices)
+    # XLA reads XLA_FLAGS that do not start with "--" as a file name, and stops at a word that is no flag.
+    words = [w for w in (args.xla_flags or "").split() if not w.startswith("--")]
+    if words:
+        raise BenchError(f"--xla_flags={args.xla_flags}: {words[0]!r} is not an XLA flag; give --name=value flags")
+
+
+def check_bn_groups(args: argparse.Namespace, devices: int | None) -> int | None:
+    """``--bn_compare``'s group size (None while the device count is unknown); refuses a comparison of
+    global BN with itself (one group holding the whole batch)."""
+    if args.bn_group_size:
+        group, why = args.bn_group_size, f"--bn_group_size={args.bn_group_size}"
+    elif devices:
+        group, why = max(1, args.batch_size // devices), f"--batch_size over {devices} device(s)"
+    else:
+        return None
+    if group >= args.batch_size:
+        raise BenchError(
+            f"--bn_compare would compare global BN with itself: its groups ({why}) are the whole "
+            f"--batch_size={args.batch_size}; use --devices >= 2 or a smaller --bn_group_size"
+        )
+    return group
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks the arguments (and the model name) before any heavy work; raises BenchError."""
+    check_arguments(args)
     if args.input_pipeline or args.sweep:
         return
     if args.width is not None and args.compare and not args.no_torch:
@@ -1186,6 +1278,7 @@ def read_results(paths: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    check_arguments(args)
     if args.markdown:
         results = read_results(args.markdown)
         try:
@@ -1205,6 +1298,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.num_classes = args.num_classes or default_num_classes(args.model)
     if args.repeats is None:
         args.repeats = 3 if (args.compare or args.bn_compare) else 1
+    if not (args.input_pipeline or args.sweep):  # the modes that start JAX with these flags
+        check_xla_flags(args)
     prepare_environment(args)
     validate(args)
     if args.sweep:

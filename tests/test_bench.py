@@ -116,6 +116,38 @@ def test_bad_option_is_one_line():
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--input_pipeline", "--ip_images=0"], ["--ip_images=0"]),
+        (["--input_pipeline", "--ip_image_size=0"], ["--ip_image_size=0"]),
+        (["--input_pipeline", "--ip_batches=0"], ["--ip_batches=0"]),
+        (["--devices=100000"], ["--devices=100000", "at most 1024"]),
+        (["--remat_compare", "--compare"], ["--remat_compare", "--compare"]),
+        (["--bn_compare", "--input_pipeline"], ["--input_pipeline", "--bn_compare"]),
+        (["--markdown", "x.jsonl", "--sweep=smoke"], ["--markdown", "--sweep"]),
+        (["--model=resnet18", "--s2d_stem", "--image_size=33"], ["--s2d_stem needs an even --image_size"]),
+        (["--bn_compare", "--devices=1"], ["global BN with itself", "--devices"]),
+        (["--bn_compare", "--batch_size=8", "--bn_group_size=8"], ["global BN with itself", "--bn_group_size=8"]),
+        (["--xla_flags=garbage"], ["--xla_flags=garbage", "'garbage' is not an XLA flag"]),
+        (["--xla_flags=--xla_nonexistent_flag=1"], ["XLA refused them", "Unknown flag"]),
+    ],
+)
+def test_bad_arguments_are_one_line_before_any_compile(capsys, monkeypatch, argv, needles):
+    """Before: tracebacks, a hang (--devices), exit 0 with a meaningless or mislabelled measurement
+    (--ip_batches=0, --s2d_stem at an odd size, BN compared with itself, a mode silently ignored),
+    XLA's fatal log line (--xla_flags, now checked in a short child process first)."""
+    for k in ("XLA_FLAGS", "JAX_PLATFORMS"):  # restored even if a case got as far as prepare_environment
+        monkeypatch.setenv(k, os.environ.get(k, ""))
+    env = {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    assert bench.main(["--model=cifar_resnet8", "--batch_size=8", *argv]) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert captured.out == "" and {k: os.environ.get(k) for k in env} == env  # failed before touching them
+
+
 def test_input_pipeline_mode():
     p = run_bench(
         "--input_pipeline", "--ip_images=4", "--ip_batches=1", "--ip_batch_size=2", "--ip_image_size=32", "--json"
