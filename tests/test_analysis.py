@@ -415,3 +415,13 @@ def test_demo_refuses_non_positive_num_steps(tmp_path, steps):
     p = run_module("resnet_jax.demo", "--models=cifar_resnet8", f"--num_steps={steps}", f"--workdir={wd}")
     assert_one_line(p, f"--num_steps={steps}: give a positive number of steps")
     assert not wd.exists()
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(fake_runs, tmp_path, capsys):
+    """Before: "cannot create the directory of ... (File exists)", which did not say why."""
+    _, runs = fake_runs
+    (tmp_path / "afile").write_text("mine")
+    out = tmp_path / "afile" / "c.png"
+    assert curves.main(["--runs", str(runs[0]), "--out", str(out)]) == 2
+    assert f"{tmp_path / 'afile'} is a file, not a directory; choose another path" in one_line_error(capsys)
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from resnet_jax.cli import EXIT_USAGE
+from resnet_jax.cli import EXIT_USAGE, check_output_dir
 from resnet_jax.errors import UserError
 from resnet_jax.workdir import CONFIG_FILE, load_config_dict
 
@@ -73,6 +73,7 @@ def check_output(path: str | pathlib.Path, overwrite: bool, suffixes: Sequence[s
         raise UserError(f"{p} exists; pass --overwrite to replace it")
     if p.is_dir():
         raise UserError(f"{p} is a directory; give a file name")
+    check_output_dir(p.parent.absolute(), f"the directory of output {p}:")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
