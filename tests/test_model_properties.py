@@ -322,8 +322,15 @@ def test_invalid_combinations_raise(config):
 
 
 @settings(max_examples=30, deadline=None)
-@given(num_classes=st.one_of(st.integers(max_value=0), st.sampled_from([2.0, "10", None, [3]])))
+@given(num_classes=st.one_of(st.integers(max_value=0), st.sampled_from([2.0, "10", None, [3], True])))
 def test_bad_num_classes_raise(num_classes):
-    """num_classes must be a positive integer; the message names it."""
+    """num_classes must be a positive integer (a bool is not one); the message names it."""
     with pytest.raises(ValueError, match="num_classes"):
         create_model("cifar_resnet8", num_classes=num_classes, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("rngs", [0, None, jax.random.key(0)])
+def test_rngs_that_are_not_nnx_rngs_raise(rngs):
+    """Before: Flax's AttributeError ("'int' object has no attribute 'params'") from inside a layer."""
+    with pytest.raises(ValueError, match=rf"rngs is a {type(rngs).__name__}; pass nnx\.Rngs\(seed\)"):
+        create_model("cifar_resnet8", num_classes=10, rngs=rngs)

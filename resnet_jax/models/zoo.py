@@ -35,8 +35,10 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> R
     Raises:
       ValueError: a bad name, depth, option value or combination, naming what is allowed.
     """
-    if not (isinstance(num_classes, int) and num_classes >= 1):
+    if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 1):
         raise ValueError(f"num_classes={num_classes!r}; must be a positive integer")
+    if not isinstance(rngs, nnx.Rngs):
+        raise ValueError(f"rngs is a {type(rngs).__name__}; pass nnx.Rngs(seed), e.g. rngs=nnx.Rngs(0)")
     o = resolve_options(name, **options)
     downsample = "A" if o["family"].startswith("cifar") and not FAMILIES[o["family"]]["preact"] else "B"
     opts = BlockOptions(
