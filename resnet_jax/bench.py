@@ -1230,8 +1230,8 @@ def check_bn_groups(args: argparse.Namespace, devices: int | None) -> int | None
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Checks the arguments (and the model name) before any heavy work; raises BenchError."""
-    check_arguments(args)
+    """Checks the model name and what depends on it before any heavy work (after
+    ``check_arguments``, which ``run`` calls first); raises BenchError."""
     if args.input_pipeline or args.sweep:
         return
     if args.width is not None and args.compare and not args.no_torch:

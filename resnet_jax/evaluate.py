@@ -16,7 +16,7 @@ from absl import flags
 
 from resnet_jax import cli
 from resnet_jax.errors import UserError
-from resnet_jax.workdir import load_config_dict
+from resnet_jax.workdir import load_config_dict, require_workdir
 
 # What the data pipelines accept (resnet_jax.data.base.eval_crops): 10 is for imagenet2012 only.
 EVAL_CROPS = (1, 10)
@@ -39,18 +39,14 @@ def _main(argv) -> None:
     f = flags.FLAGS
     if not f.workdir:
         raise UserError("--workdir is required")
-    workdir = pathlib.Path(f.workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"workdir {f.workdir} is not a directory; give the --workdir (folder) of a training run")
-    if not workdir.is_dir():
-        raise UserError(f"workdir {f.workdir} does not exist")
+    require_workdir(f.workdir)
     if f.eval_crops is not None and f.eval_crops not in EVAL_CROPS:
         raise UserError(
             f"--eval_crops={f.eval_crops}: use 1 (centre crop) or 10 (the paper's 10-crop testing, imagenet2012 only)"
         )
     # What can be checked without JAX is, before JAX is imported: a mistyped path or checkpoint is
     # answered in a fraction of a second.
-    load_config_dict(f.workdir)
+    run_config = load_config_dict(f.workdir)
     if f.checkpoint not in ("latest", "best") and not f.checkpoint.isdigit():
         raise UserError(f"--checkpoint={f.checkpoint!r}: use 'latest', 'best' or a step number")
     cli.setup_logging()
@@ -60,7 +56,7 @@ def _main(argv) -> None:
     step, metrics = evaluate_checkpoint(f.workdir, f.checkpoint, overrides)
     out = {"step": step, **metrics}
     # The crops the evaluation used (the run's own setting unless --eval_crops; valid by now).
-    crops = f.eval_crops or int(load_config_dict(f.workdir)["dataset"].get("eval_crops", 1))
+    crops = f.eval_crops or int(run_config["dataset"].get("eval_crops", 1))
     result_path(f.workdir, step, crops).write_text(json.dumps(out, indent=2))
     print(json.dumps(out))
 

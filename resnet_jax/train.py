@@ -43,7 +43,8 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax import data
 from resnet_jax.checkpointing import Checkpointer, abstract_with_shardings, restore_problem
-from resnet_jax.config import check_run_config, model_options
+from resnet_jax.cli import check_config
+from resnet_jax.config import model_options
 from resnet_jax.errors import UserError
 from resnet_jax.logbook import Logbook, plot_curves
 from resnet_jax.models import create_model
@@ -475,10 +476,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
     try:
         problem = None
         try:
-            try:
-                check_run_config(config)
-            except ValueError as e:
-                raise UserError(str(e)) from None
+            check_config(config)  # what the CLI checks before JAX, for library callers too
             info = data.get_info(config.dataset)
             durations = Durations.from_config(config, info.num_train)
             trainer = Trainer(config, info, durations)  # model and batch/device errors, before any write

@@ -144,6 +144,22 @@ class Workdir:
             self._lock = None
 
 
+def require_workdir(path: str | pathlib.Path) -> pathlib.Path:
+    """The run directory ``path``, which must exist and hold the run's ``config.json``.
+
+    Raises:
+      UserError: it does not exist, or is not a training run's directory.
+    """
+    p = pathlib.Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"workdir {p} is not a directory; give the --workdir (folder) of a training run")
+    if not p.is_dir():
+        raise UserError(f"workdir {p} does not exist")
+    if not (p / CONFIG_FILE).is_file():
+        raise UserError(f"{p / CONFIG_FILE} not found: is {p} the --workdir of a training run?")
+    return p
+
+
 def load_config_dict(workdir) -> dict:
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.exists():

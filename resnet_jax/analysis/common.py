@@ -18,7 +18,7 @@ from typing import Any
 
 from resnet_jax.cli import EXIT_USAGE, check_output_dir
 from resnet_jax.errors import UserError
-from resnet_jax.workdir import CONFIG_FILE, load_config_dict
+from resnet_jax.workdir import CONFIG_FILE, load_config_dict, require_workdir
 
 # Paper-like figures: small, light grid, no top/right spines, readable at column width.
 PLOT_STYLE = {
@@ -78,22 +78,6 @@ def check_output(path: str | pathlib.Path, overwrite: bool, suffixes: Sequence[s
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the directory of {p} ({e.strerror})") from None
-    return p
-
-
-def require_workdir(path: str | pathlib.Path) -> pathlib.Path:
-    """The run directory ``path``, which must exist and hold the run's ``config.json``.
-
-    Raises:
-      UserError: it does not exist, or is not a training run's directory.
-    """
-    p = pathlib.Path(path)
-    if p.exists() and not p.is_dir():
-        raise UserError(f"workdir {p} is not a directory; give the --workdir (folder) of a training run")
-    if not p.is_dir():
-        raise UserError(f"workdir {p} does not exist")
-    if not (p / CONFIG_FILE).is_file():
-        raise UserError(f"{p / CONFIG_FILE} not found: is {p} the --workdir of a training run?")
     return p
 
 
