@@ -23,15 +23,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from resnet_jax import cli
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, describe
 from resnet_jax.logbook import read_metrics
-
-
-def _exc(e: BaseException) -> str:
-    """``ExcType: first line of the message``, for one error line."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
 
 _RUN_FORMAT = "each run is a dict {'name': str, 'config': str, 'overrides': {key: value}} (overrides optional)"
 
@@ -68,7 +61,7 @@ def load_sweep(path: str) -> list[dict]:
     except SyntaxError as e:
         raise UserError(f"cannot load sweep file {path}: {e.msg} (line {e.lineno}); fix the file") from None
     except Exception as e:  # noqa: BLE001 - a sweep file's top level can fail with anything (imports, I/O)
-        raise UserError(f"cannot load sweep file {path}: {_exc(e)}; fix the file") from None
+        raise UserError(f"cannot load sweep file {path}: {describe(e)}; fix the file") from None
     if "get_sweep" not in namespace:
         raise UserError(f"{path} defines no get_sweep()")
     if not callable(namespace["get_sweep"]):
@@ -76,7 +69,7 @@ def load_sweep(path: str) -> list[dict]:
     try:
         runs = namespace["get_sweep"]()
     except Exception as e:  # noqa: BLE001 - the user's code
-        raise UserError(f"{path}: get_sweep() failed: {_exc(e)}") from None
+        raise UserError(f"{path}: get_sweep() failed: {describe(e)}") from None
     if not isinstance(runs, list | tuple):
         raise UserError(f"{path}: get_sweep() returned {reprlib.repr(runs)}, not a list of runs; {_RUN_FORMAT}")
     if not runs:
@@ -139,14 +132,16 @@ def finished(workdir: pathlib.Path) -> bool:
     try:
         info = json.loads(info_path.read_text())
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-        raise UserError(f"{info_path} is not readable JSON ({_exc(e)}); fix the file or move it away") from None
+        raise UserError(f"{info_path} is not readable JSON ({describe(e)}); fix the file or move it away") from None
     if not isinstance(info, dict):
         raise UserError(f"{info_path} holds a {type(info).__name__}, not a run's info; fix the file or move it away")
     total = info.get("total_steps")
     try:
         rows = read_metrics(workdir)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the metrics of {workdir} ({_exc(e)}); fix or move away metrics.jsonl") from None
+        raise UserError(
+            f"cannot read the metrics of {workdir} ({describe(e)}); fix or move away metrics.jsonl"
+        ) from None
     return any("eval/top1_acc" in r and r["step"] == total for r in rows)
 
 
@@ -205,7 +200,7 @@ def main(argv=None) -> int:
                 log_dir.mkdir(parents=True, exist_ok=True)
                 out.write_text(slurm_script(jobs, log_dir))
             except OSError as e:
-                raise UserError(f"cannot write --slurm {out} or {log_dir}: {_exc(e)}") from None
+                raise UserError(f"cannot write --slurm {out} or {log_dir}: {describe(e)}") from None
             print(f"wrote {out} ({len(jobs)} array tasks): sbatch {out}")
             return 0
         done = [finished(wd) for wd, _ in jobs]  # every run_info.json is read before a run starts

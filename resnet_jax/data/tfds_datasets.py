@@ -46,7 +46,7 @@ from absl import logging
 
 from resnet_jax import cli
 from resnet_jax.data import augment, base
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, describe
 
 try:
     # JAX owns the accelerators; a TensorFlow that grabs GPU memory would starve it.
@@ -167,10 +167,8 @@ def _prepared_builder(dataset_cfg: Any):
         try:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
         except Exception as error:  # noqa: BLE001 - truncated, empty or foreign tars fail in many ways
-            lines = str(error).strip().splitlines()
-            why = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
             raise UserError(
-                f"cannot prepare imagenet2012 from the tars in {manual_dir} ({why}): check that they are "
+                f"cannot prepare imagenet2012 from the tars in {manual_dir} ({describe(error, 200)}): check that they are "
                 f"the complete downloads ({IMAGENET_TAR_BYTES}), then run again: the next run prepares "
                 f"data_dir {data_dir} anew."
             ) from None
