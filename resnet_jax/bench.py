@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_jax import cli
+from resnet_jax.errors import UserError, first_line
 
 # Overlap the gradient all-reduce with the backward pass (shared/reference/performance.md). CUDA
 # graphs (--xla_gpu_enable_command_buffer) and autotuning are left at XLA's defaults.
@@ -316,7 +317,7 @@ class OurStep:
         try:
             lowered = self.trainer.train_step.lower(self.state, self.batch)
         except ValueError as e:  # e.g. a batch not divisible by bn_group_size, found while tracing
-            raise BenchError(str(e).strip().splitlines()[0]) from None
+            raise BenchError(first_line(e)) from None
         self.trace_s = time.perf_counter() - t0
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
@@ -1206,10 +1207,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         )
     if args.bn_compare:
         check_bn_groups(args, args.devices)
-    # XLA reads XLA_FLAGS that do not start with "--" as a file name, and stops at a word that is no flag.
-    words = [w for w in (args.xla_flags or "").split() if not w.startswith("--")]
-    if words:
-        raise BenchError(f"--xla_flags={args.xla_flags}: {words[0]!r} is not an XLA flag; give --name=value flags")
+    # --xla_flags is appended to the environment's XLA_FLAGS, so it cannot name a flag file.
+    problem = cli.xla_flags_problem(os.environ.get("XLA_FLAGS", "")) or cli.xla_flags_problem(
+        args.xla_flags or "", "--xla_flags", flag_file=False
+    )
+    if problem:
+        raise BenchError(problem)
 
 
 def check_bn_groups(args: argparse.Namespace, devices: int | None) -> int | None:
@@ -1251,7 +1254,7 @@ def validate(args: argparse.Namespace) -> None:
             width=args.width,
         )
     except ValueError as e:
-        raise BenchError(str(e).strip().splitlines()[0]) from None
+        raise BenchError(first_line(e)) from None
     if args.bn_group_size and args.batch_size % args.bn_group_size:
         raise BenchError(f"--batch_size={args.batch_size} is not divisible by --bn_group_size={args.bn_group_size}")
 
@@ -1317,12 +1320,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; 0, or 2 after a one-line ``error: ...``."""
     args = build_parser().parse_args(argv)
-    from resnet_jax.errors import UserError
-
     try:
         result = run(args)
     except (BenchError, UserError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     if result.get("mode") == "sweep":
         print(result["markdown"])

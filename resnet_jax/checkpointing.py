@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, first_line
 
 log = logging.getLogger("resnet_jax")
 
@@ -44,8 +44,7 @@ def restore_problem(e: BaseException) -> str:
     outer ones repeat a TensorStore spec), at most 200 characters."""
     while e.__cause__ is not None:
         e = e.__cause__
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return first_line(e, limit=200)
 
 
 class _DrainingEventLoop(asyncio.SelectorEventLoop):

@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from absl import app, flags
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, first_line
 
 EXIT_USAGE = 2
 
@@ -32,7 +32,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _flags_problem(e: flags.Error) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else "bad flags"
+    return first_line(e, default="bad flags")
 
 
 def parse_flags(argv):
@@ -69,6 +69,26 @@ def check_output_dir(path: pathlib.Path, label: str) -> None:
                 where = "is a file, not a directory" if q == path else f"is under {q}, a file, not a directory"
                 raise UserError(f"{label} {path} {where}; choose another path")
             return
+
+
+def xla_flags_problem(text: str, label: str = "XLA_FLAGS", flag_file: bool = True) -> str | None:
+    """What is wrong with ``text`` as XLA_FLAGS, or None. XLA takes a value that does not start
+    with "--" as the name of a file of flags, and silently drops every flag after a word that is
+    not one ("--a=1 b --c=2" sets only a); unknown flags it reports itself, as one fatal line."""
+    value = text.strip()
+    if flag_file and value and not value.startswith("--") and os.path.isfile(value):
+        return None  # XLA's flag-file form
+    words = [w for w in value.split() if not w.startswith("--")]
+    if words:
+        return f"{label}={text}: {words[0]!r} is not an XLA flag (XLA would drop the flags after it); give --name=value flags"
+    return None
+
+
+def check_environment() -> None:
+    """The environment the run inherits: XLA_FLAGS (see ``xla_flags_problem``)."""
+    problem = xla_flags_problem(os.environ.get("XLA_FLAGS", ""))
+    if problem:
+        raise UserError(problem)
 
 
 def define_distributed_flags() -> None:
@@ -251,6 +271,7 @@ def _train(argv) -> None:
     if not f.workdir:
         raise UserError("--workdir is required")
     check_config(f.config)
+    check_environment()
     init_distributed(f.coordinator_address, f.num_processes, f.process_id)
     from resnet_jax.train import train_and_evaluate
 

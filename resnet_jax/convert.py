@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from resnet_jax import cli
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, first_line
 from resnet_jax.models.blocks import Bottleneck
 from resnet_jax.models.resnet import ResNet
 from resnet_jax.summary import abstract_model, count_params
@@ -235,7 +235,7 @@ def save_converted(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create --out {out_dir}: {e.strerror or _one_line(e)}") from None
+        raise UserError(f"cannot create --out {out_dir}: {e.strerror or first_line(e, limit=300)}") from None
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / CHECKPOINT_SUBDIR, nnx.state(model))
         checkpointer.wait_until_finished()
@@ -266,7 +266,7 @@ def load_converted(directory: str | Path) -> ResNet:
         meta = json.loads(meta_path.read_text())
         name, num_classes, options = meta["name"], int(meta["num_classes"]), dict(meta.get("options", {}))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read {meta_path}: {_one_line(e)}") from None
+        raise UserError(f"cannot read {meta_path}: {first_line(e, limit=300)}") from None
     if not (root / CHECKPOINT_SUBDIR).is_dir():
         raise UserError(f"no checkpoint at {root / CHECKPOINT_SUBDIR}")
     model = _abstract_model(name, num_classes, options)
@@ -275,17 +275,10 @@ def load_converted(directory: str | Path) -> ResNet:
         with ocp.StandardCheckpointer() as checkpointer:
             state = checkpointer.restore(root / CHECKPOINT_SUBDIR, abstract_state)
     except (ValueError, KeyError, OSError) as e:  # e.g. model.json edited to another architecture
-        raise UserError(f"cannot restore {root / CHECKPOINT_SUBDIR}: {_one_line(e)}") from None
+        raise UserError(f"cannot restore {root / CHECKPOINT_SUBDIR}: {first_line(e, limit=300)}") from None
     model = nnx.merge(graphdef, state)
     model.eval()
     return model
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception as one line of bounded length (some libraries put whole trees in messages)."""
-    lines = str(e).strip().splitlines()
-    line = lines[0] if lines else type(e).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _check_torch_file(p: Path, path: str | Path) -> None:
@@ -297,7 +290,7 @@ def _check_torch_file(p: Path, path: str | Path) -> None:
         if head.startswith((b"PK\x03\x04", b"\x80")) or tarfile.is_tarfile(p):
             return
     except OSError as e:
-        raise UserError(f"cannot read --pth {path}: {e.strerror or _one_line(e)}") from None
+        raise UserError(f"cannot read --pth {path}: {e.strerror or first_line(e, limit=300)}") from None
     what = "an empty file" if not head else "neither a zip archive nor a pickle"
     raise UserError(f"--pth {path} is not a PyTorch file saved with torch.save ({what}); pass a state_dict .pth")
 
@@ -327,10 +320,10 @@ def read_pth(path: str | Path) -> Mapping[str, Any]:
     except pickle.UnpicklingError as e:
         # torch's message is a paragraph suggesting weights_only=False; keep only the cause.
         m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", str(e), re.DOTALL)
-        cause = " ".join(m.group(1).split()) if m else _one_line(e)
+        cause = " ".join(m.group(1).split()) if m else first_line(e, limit=300)
         raise UserError(f"cannot read {path} as a state_dict of tensors ({cause}); save model.state_dict()") from None
     except Exception as e:  # torch raises many types (zip, runtime, OS); all mean "unreadable"
-        cause = f"{type(e).__name__}: {_one_line(e, limit=120)}"
+        cause = f"{type(e).__name__}: {first_line(e, limit=120)}"
         raise UserError(
             f"cannot read {path}: not a PyTorch file saved with torch.save, or a damaged one ({cause})"
         ) from None
@@ -368,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = convert(args.model, args.pth, args.out, args.num_classes)
     except UserError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {first_line(e, limit=300)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {args.model}, {count_params(model):,} parameters")
     return 0

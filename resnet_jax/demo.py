@@ -155,6 +155,7 @@ def run_demo(out_dir: str, num_steps: int | None = None, models=MODELS) -> dict[
 def _main(argv) -> None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; the demo takes flags only (see --help)")
+    cli.check_environment()
     cli.setup_logging()
     run_demo(flags.FLAGS.workdir, flags.FLAGS.num_steps, flags.FLAGS.models)
 

@@ -49,6 +49,7 @@ def _main(argv) -> None:
     run_config = load_config_dict(f.workdir)
     if f.checkpoint not in ("latest", "best") and not f.checkpoint.isdigit():
         raise UserError(f"--checkpoint={f.checkpoint!r}: use 'latest', 'best' or a step number")
+    cli.check_environment()
     cli.setup_logging()
     from resnet_jax.train import evaluate_checkpoint
 

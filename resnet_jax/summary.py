@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resnet_jax import cli
+from resnet_jax.errors import first_line
 from resnet_jax.models import ResNet, create_model, resolve_options
 
 # Defaults by family: CIFAR networks are summarised on CIFAR-10 (as in the papers' tables).
@@ -312,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"num_classes={args.num_classes}; must be a positive integer")
         rows = summarize(args.model, image_size=args.image_size, num_classes=args.num_classes, **options)
     except ValueError as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     o = resolve_options(args.model, **options)
     size = "x".join(map(str, (args.image_size or (32 if o["family"].startswith("cifar") else 224),) * 2))

@@ -203,6 +203,7 @@ def main(argv=None) -> int:
                 raise UserError(f"cannot write --slurm {out} or {log_dir}: {describe(e)}") from None
             print(f"wrote {out} ({len(jobs)} array tasks): sbatch {out}")
             return 0
+        cli.check_environment()  # every run inherits it: one message, not one failed run after another
         done = [finished(wd) for wd, _ in jobs]  # every run_info.json is read before a run starts
         failed = 0
         for i, (wd, cmd) in enumerate(jobs):

@@ -305,13 +305,13 @@ def test_command_line_errors_come_before_jax_is_imported(tmp_path, args, needle)
     assert_one_line_error(p, needle, max_lines=1)
 
 
-def run_without_jax(tmp_path: pathlib.Path, argv: list[str]) -> subprocess.CompletedProcess:
-    """``python argv`` with JAX, Flax, Orbax and TensorFlow made unimportable."""
+def run_without_jax(tmp_path: pathlib.Path, argv: list[str], **env_vars: str) -> subprocess.CompletedProcess:
+    """``python argv`` with JAX, Flax, Orbax and TensorFlow made unimportable (and ``env_vars`` set)."""
     hidden = tmp_path / "hidden"
     for name in ("jax", "flax", "orbax", "tensorflow"):
         (hidden / name).mkdir(parents=True)
         (hidden / name / "__init__.py").write_text(f"raise ImportError('{name} was imported')\n")
-    env = dict(os.environ, PYTHONPATH=f"{hidden}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, PYTHONPATH=f"{hidden}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env_vars)
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -335,6 +335,52 @@ def test_evaluate_errors_come_before_jax_is_imported(tmp_path, case, needles):
     checkpoint = "banana" if case == "garbage_checkpoint" else "latest"
     p = run_without_jax(tmp_path, ["-m", "resnet_jax.evaluate", f"--workdir={workdir}", f"--checkpoint={checkpoint}"])
     assert_one_line_error(p, *needles, max_lines=1)
+
+
+@pytest.mark.parametrize("tool", ["train", "evaluate", "demo"])
+def test_xla_flags_that_xla_would_drop_are_refused_before_jax(tmp_path, tool):
+    """XLA silently drops every XLA_FLAGS flag after a word that is not a flag (here the device
+    count would be set and --xla_cpu_use_thunk_runtime dropped): the tools refuse such an
+    environment, before JAX is imported and before anything is written."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"model": {"name": "cifar_resnet8"}}))
+    argv = {
+        "train": ["-m", "resnet_jax.train", "--config=experiments/digits.py", f"--workdir={tmp_path / 'new'}"],
+        "evaluate": ["-m", "resnet_jax.evaluate", f"--workdir={run_dir}"],
+        "demo": ["-m", "resnet_jax.demo", f"--workdir={tmp_path / 'new'}"],
+    }[tool]
+    xla_flags = "--xla_force_host_platform_device_count=2 typo --xla_cpu_use_thunk_runtime=false"
+    p = run_without_jax(tmp_path, argv, XLA_FLAGS=xla_flags)
+    assert_one_line_error(p, f"XLA_FLAGS={xla_flags}: 'typo' is not an XLA flag", max_lines=1)
+    assert not (tmp_path / "new").exists()
+    assert sorted(os.listdir(run_dir)) == ["config.json"]
+
+
+def test_xla_flags_problem_accepts_flags_and_a_flag_file(tmp_path):
+    from resnet_jax.cli import xla_flags_problem
+
+    flag_file = tmp_path / "xla.flags"
+    flag_file.write_text("--xla_force_host_platform_device_count=2\n")
+    assert xla_flags_problem("") is None
+    assert xla_flags_problem(" --xla_a=1  --xla_b=2 ") is None
+    assert xla_flags_problem(str(flag_file)) is None  # XLA's flag-file form
+    assert "'missing.flags' is not an XLA flag" in xla_flags_problem("missing.flags")
+    # --xla_flags is appended to XLA_FLAGS, where a file name would no longer be read as one.
+    assert f"{str(flag_file)!r} is not an XLA flag" in xla_flags_problem(str(flag_file), "--xla_flags", flag_file=False)
+
+
+def test_first_line_and_describe_give_one_bounded_line():
+    from resnet_jax.errors import describe, first_line
+
+    multi = ValueError("\n  \n  the cause  \n  a long tree of detail\n")
+    assert first_line(multi) == "the cause"
+    assert describe(multi) == "ValueError: the cause"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(OSError(), default="bad input") == "bad input"
+    assert describe(RuntimeError("")) == "RuntimeError"
+    assert first_line(ValueError("x" * 50), limit=10) == "xxxxxxx..."
+    assert first_line(ValueError("x" * 10), limit=10) == "x" * 10
 
 
 @pytest.mark.parametrize("name", ["checkpoints", "checkpoints-damaged"])
@@ -438,6 +484,16 @@ def test_sweep_garbage_run_info_is_one_line(tmp_path, capsys):
     argv = [str(tmp_path / "good.py"), "--root", str(tmp_path / "r")]
     in_process_error(capsys, sweep.main, argv, str(info), "not readable JSON", "move it away")
     assert tree(tmp_path) == before
+
+
+def test_sweep_refuses_xla_flags_that_xla_would_drop_before_any_run(tmp_path, capsys, monkeypatch):
+    from resnet_jax import sweep
+
+    (tmp_path / "good.py").write_text(GOOD_SWEEP)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 2")
+    argv = [str(tmp_path / "good.py"), "--root", str(tmp_path / "r")]
+    in_process_error(capsys, sweep.main, argv, "XLA_FLAGS=", "'2' is not an XLA flag")
+    assert sorted(os.listdir(tmp_path)) == ["good.py"]
 
 
 @pytest.mark.parametrize(

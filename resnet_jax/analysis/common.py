@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from resnet_jax.cli import EXIT_USAGE, check_output_dir
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, first_line
 from resnet_jax.workdir import CONFIG_FILE, load_config_dict, require_workdir
 
 # Paper-like figures: small, light grid, no top/right spines, readable at column width.
@@ -47,8 +47,7 @@ def run_main(body: Callable[[], int | None]) -> int:
     try:
         return body() or 0
     except UserError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "bad input"
-        print(f"error: {first}", file=sys.stderr)
+        print(f"error: {first_line(e, default='bad input')}", file=sys.stderr)
         return EXIT_USAGE
 
 
