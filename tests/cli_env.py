@@ -1,9 +1,13 @@
-"""The environment of the CLI subprocesses that the tests start, and the XLA flags of the tests
-that run in-process."""
+"""The environment of the CLI subprocesses that the tests start, what the tests assert about a
+refused command (one error line, files untouched), and the XLA flags of the tests that run
+in-process."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pathlib
+import subprocess
 
 # tests/conftest.py adds these flags to XLA_FLAGS for the in-process tests (compile time); the
 # subprocesses drop them, so that they compile as a user's process does.
@@ -29,3 +33,34 @@ def env_for(cache: str, devices: int = 1) -> dict:
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
+
+
+def snapshot(wd: pathlib.Path) -> dict[str, tuple]:
+    """Every file under ``wd``: (size, mtime in ns, sha256)."""
+    out = {}
+    for p in sorted(wd.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(wd))] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str, max_lines: int = 6) -> str:
+    """A refused command: exit status 2, no traceback, at most ``max_lines`` non-blank lines of
+    stderr of which the last, and only it, is ``error: ...`` holding every needle; returns it."""
+    err = p.stderr
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 2, (p.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    assert lines and lines[-1].startswith("error: "), err[-3000:]
+    assert sum(ln.startswith("error:") for ln in lines) == 1, err[-3000:]
+    assert len(lines) <= max_lines, err[-3000:]
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+    return lines[-1]
+
+
+def tree(path: pathlib.Path) -> dict[str, tuple]:
+    """Every file and directory under ``path`` (a directory's entry: None)."""
+    files = snapshot(path)
+    return {str(p.relative_to(path)): files.get(str(p.relative_to(path))) for p in sorted(path.rglob("*"))}

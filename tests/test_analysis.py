@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from cli_env import user_env
+from cli_env import assert_one_line_error, tree, user_env
 from flax import nnx
 
 from resnet_jax.analysis import curves, gradient_flow, layer_responses, results_table
@@ -289,19 +289,6 @@ def test_gradient_flow_cli_on_run(digits_run, tmp_path, capsys):
 # --- bad input: one line, nothing touched -------------------------------------------------------
 
 
-def listing(path) -> dict:
-    """Every file under ``path`` with its size and modification time."""
-    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")}
-
-
-def assert_one_line(p: subprocess.CompletedProcess, *needles: str) -> str:
-    err = p.stderr.strip()
-    assert p.returncode == 2 and err.startswith("error: ") and "\n" not in err, p.stderr[-3000:]
-    for needle in needles:
-        assert needle in err, err
-    return err
-
-
 @pytest.fixture(scope="module")
 def damaged_run(digits_run, tmp_path_factory):
     """A copy of ``digits_run`` whose checkpoint lost its array data files."""
@@ -318,7 +305,7 @@ def test_damaged_checkpoint_is_one_line(damaged_run, tmp_path, capfd, caplog, mo
     was never retrieved" when they are collected, no "Event loop is closed" from TensorStore)."""
     unraisable = []  # TensorStore's callbacks into a closed loop end here
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(repr(u.exc_value)))
-    before = listing(damaged_run)
+    before = tree(damaged_run)
     out = tmp_path / "x.png"
     for module, extra in ((layer_responses, []), (gradient_flow, ["--steps", "0", "3"])):
         assert module.main(["--runs", str(damaged_run), "--out", str(out), *extra]) == 2
@@ -329,16 +316,16 @@ def test_damaged_checkpoint_is_one_line(damaged_run, tmp_path, capfd, caplog, mo
     assert not unraisable, unraisable[:3]
     assert not capfd.readouterr().err
     assert not [r for r in caplog.records if r.name == "asyncio"]
-    assert not out.exists() and listing(damaged_run) == before
+    assert not out.exists() and tree(damaged_run) == before
 
 
 def test_evaluate_damaged_checkpoint_is_one_line(damaged_run):
     """evaluate's one line is all: nothing from Orbax's abandoned tasks after it (in 5 of 8 tries
     before the fix)."""
-    before = listing(damaged_run)
+    before = tree(damaged_run)
     p = run_module("resnet_jax.evaluate", f"--workdir={damaged_run}")
-    assert_one_line(p, "checkpoint", "cannot be restored", "try another --checkpoint")
-    assert listing(damaged_run) == before
+    assert_one_line_error(p, "checkpoint", "cannot be restored", "try another --checkpoint", max_lines=1)
+    assert tree(damaged_run) == before
 
 
 def test_checkpoint_choice_errors(digits_run, tmp_path, capsys, caplog):
@@ -352,7 +339,7 @@ def test_checkpoint_choice_errors(digits_run, tmp_path, capsys, caplog):
     assert "no checkpoint at step 99; kept steps: [3]" in one_line_error(capsys)
     assert not [r for r in caplog.records if "read only" in r.getMessage()]
     p = run_module("resnet_jax.analysis.gradient_flow", "--runs", str(digits_run), "--steps", "5", "--out", str(out))
-    assert_one_line(p, "no checkpoint at step 5; kept steps: [3]")
+    assert_one_line_error(p, "no checkpoint at step 5; kept steps: [3]", max_lines=1)
     assert not out.exists()
 
 
@@ -382,7 +369,7 @@ def test_a_file_is_not_a_run_directory(fake_runs, tmp_path, capsys):
     assert results_table.main(["--root", f]) == 2
     assert f"--root {f} is not a directory" in one_line_error(capsys)
     p = run_module("resnet_jax.evaluate", f"--workdir={f}")
-    assert_one_line(p, "is not a directory")
+    assert_one_line_error(p, "is not a directory", max_lines=1)
 
 
 @pytest.mark.parametrize(
@@ -395,9 +382,9 @@ def test_a_file_is_not_a_run_directory(fake_runs, tmp_path, capsys):
 )
 def test_evaluate_refuses_bad_arguments(digits_run, args, needles):
     """Refused before JAX is imported (fast), and nothing is written."""
-    before = listing(digits_run)
-    assert_one_line(run_module("resnet_jax.evaluate", f"--workdir={digits_run}", *args), *needles)
-    assert listing(digits_run) == before
+    before = tree(digits_run)
+    assert_one_line_error(run_module("resnet_jax.evaluate", f"--workdir={digits_run}", *args), *needles, max_lines=1)
+    assert tree(digits_run) == before
 
 
 def test_evaluate_result_names_keep_each_crop_count():
@@ -413,7 +400,7 @@ def test_evaluate_result_names_keep_each_crop_count():
 def test_demo_refuses_non_positive_num_steps(tmp_path, steps):
     wd = tmp_path / "demo"
     p = run_module("resnet_jax.demo", "--models=cifar_resnet8", f"--num_steps={steps}", f"--workdir={wd}")
-    assert_one_line(p, f"--num_steps={steps}: give a positive number of steps")
+    assert_one_line_error(p, f"--num_steps={steps}: give a positive number of steps", max_lines=1)
     assert not wd.exists()
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
-import hashlib
 import json
 import os
 import pathlib
@@ -16,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from cli_env import env_for, user_env
+from cli_env import assert_one_line_error, env_for, snapshot, tree, user_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASE = [
@@ -46,29 +45,6 @@ def run(cache: str, argv: list[str], devices: int = 1) -> subprocess.CompletedPr
 
 def train(*args: str) -> list[str]:
     return ["-m", "resnet_jax.train", *args]
-
-
-def snapshot(wd: pathlib.Path) -> dict[str, tuple]:
-    """Every file under ``wd``: (size, mtime in ns, sha256)."""
-    out = {}
-    for p in sorted(wd.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            out[str(p.relative_to(wd))] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
-
-
-def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str, max_lines: int = 6) -> str:
-    err = p.stderr
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert p.returncode == 2, (p.returncode, err[-3000:])
-    assert "Traceback" not in err, err[-3000:]
-    assert lines and lines[-1].startswith("error: "), err[-3000:]
-    assert sum(ln.startswith("error:") for ln in lines) == 1, err[-3000:]
-    assert len(lines) <= max_lines, err[-3000:]
-    for needle in needles:
-        assert needle in lines[-1], (needle, lines[-1])
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -430,12 +406,6 @@ def in_process_error(capsys, main, argv: list[str], *needles: str) -> str:
     return assert_one_line_error(
         subprocess.CompletedProcess(argv, code, captured.out, captured.err), *needles, max_lines=1
     )
-
-
-def tree(path: pathlib.Path) -> dict[str, tuple]:
-    """Every file and directory under ``path`` (a directory's entry: None)."""
-    files = snapshot(path)
-    return {str(p.relative_to(path)): files.get(str(p.relative_to(path))) for p in sorted(path.rglob("*"))}
 
 
 SWEEP_FILES = {
