@@ -8,11 +8,12 @@ Expected test error, % (paper 1, Table 6): ResNet-20 8.75, 32 7.51, 44 7.17, 56 
 (best of 5; mean 6.61 +/- 0.16), 1202 7.93. Plain nets: Fig. 6 only; deeper plain nets have higher
 training error (plain-110 above 60%).
 Recipe: batch 128, lr 0.1 /10 at 32k and 48k iterations, stop at 64k, wd 1e-4, momentum 0.9, pad-4
-crop + flip; ResNet-110 and 1202 warm up at lr 0.01 for the first 400 iterations; the paper's
-initialisation (no zero-init of the last BN).
-Compute: 64k steps of batch 128; ResNet-110 about 41 PFLOP in all (one GPU: an hour or two);
-ResNet-1202 about 10x that and about 20 GB of activations at batch 128 (set --config.model.remat=true
-on small GPUs). Sweep over seeds: experiments/sweep_cifar10.py.
+crop + flip; the 110- and 1202-layer nets (plain-110 too) warm up at lr 0.01 for the first 400
+iterations; the paper's initialisation (no zero-init of the last BN).
+Compute: 64k steps of batch 128; ResNet-110 0.253 GMACs per image forward, about 12 PFLOP in all
+(forward + backward = 3x forward, 2 FLOP per multiply-add); ResNet-1202 2.83 GMACs, about 11x that,
+and about 20 GB of activations at batch 128 (set --config.model.remat=true on small GPUs).
+Sweep over seeds: experiments/sweep_cifar10.py.
 """
 
 from resnet_jax.config import cifar_paper_recipe, get_base_config

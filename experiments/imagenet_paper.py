@@ -8,10 +8,13 @@ Command (argument: network and shortcut option; default resnet50):
 Expected 10-crop top-1 error, % (paper 1): plain-18 27.94, ResNet-18 (A) 27.88, plain-34 28.54,
 ResNet-34 A 25.03 / B 24.52 / C 24.19, ResNet-50 22.85, ResNet-101 21.75, ResNet-152 21.43.
 Recipe: batch 256, lr 0.1 /10 at epochs 30, 60, 90, 120 epochs (the paper's 60e4 iterations),
-wd 1e-4, momentum 0.9; bottleneck stride on the first 1x1 conv (stride_in='1x1') as in the paper.
-The paper also used scale augmentation [256, 480] and colour augmentation, which this pipeline
-replaces with Inception-style random-resized crops: expect numbers close to, not equal to, the paper's.
-Compute: ResNet-50 about 4.1 GMACs per image forward, ~1.9 EFLOP for 120 epochs (8 GPUs: 1-2 days).
+wd 1e-4, momentum 0.9; bottleneck stride on the first 1x1 conv (stride_in='1x1') as in the paper;
+the paper's scale augmentation (shorter side in [256, 480], random 224 crop, flip) and AlexNet's
+PCA colour augmentation (dataset.train_augment='scale', dataset.lighting_std=0.1). Differences:
+per-channel mean/std normalisation instead of per-pixel mean subtraction, and BatchNorm over the
+global batch unless --config.model.bn_group_size=32 (the paper's per-GPU statistics).
+Compute: ResNet-50 3.86 GMACs per image forward, about 3.6 EFLOP for 120 epochs (forward +
+backward = 3x forward, 2 FLOP per multiply-add).
 """
 
 from resnet_jax.config import get_base_config, imagenet_paper_recipe

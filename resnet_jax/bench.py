@@ -37,7 +37,8 @@ size over the *median* step time of ``steps x repeats`` steps after ``warmup`` s
   feeds it, against the same step on a batch already on the devices; and that pipeline alone.
 * ``--input_pipeline``: the input pipelines on their own, img/s and img/s per CPU core: digits
   (numpy), CIFAR (generated 32x32 PNGs) and ImageNet (generated 500x375 JPEGs) through the
-  tf.data augmentation of ``resnet_jax.data.augment``.
+  tf.data augmentation of ``resnet_jax.data.augment``: the ImageNet JPEGs through both recipes
+  (Inception crops, and paper 1's scale and colour augmentation).
 * ``--sweep``: a predefined list of the above, each in its own process, as markdown tables.
 
 With ``--json`` the last line of the output is one JSON object with the results. GPU-ready:
@@ -814,12 +815,23 @@ def _augmented_batches(encoded, preprocess: Callable, batch_size: int, num_class
 
 
 def _train_preprocess(kind: str, image_size: int) -> Callable:
-    """The training augmentation of ``resnet_jax.data.augment`` for CIFAR- or ImageNet-style images."""
+    """The training augmentation of ``resnet_jax.data.augment`` for CIFAR- or ImageNet-style
+    images; ``"imagenet_scale"``: paper 1's scale and colour augmentation (``imagenet_paper``)."""
     from resnet_jax.data import augment
 
     if kind == "cifar":
         return augment.cifar_train
+    if kind == "imagenet_scale":
+        return lambda img, seed: augment.imagenet_scale_train(img, seed, image_size, lighting_std=0.1)
     return lambda img, seed: augment.imagenet_train(img, seed, image_size)
+
+
+PIPELINES = {
+    "digits": "digits (numpy, 8x8)",
+    "cifar": "CIFAR (PNG decode, pad+crop+flip)",
+    "imagenet": "ImageNet (500x375 JPEG decode+crop, resize {}, flip)",
+    "imagenet_scale": "ImageNet, paper 1 (500x375 JPEG decode, resize [256, 480], crop {}, flip, lighting)",
+}
 
 
 def run_input_pipeline(args: argparse.Namespace) -> dict[str, Any]:
@@ -841,7 +853,7 @@ def run_input_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     out["digits_img_per_s"] = _time_batches(it, 100 * nb, b)  # microseconds per batch: time more
 
     def tf_pipeline(kind: str) -> float:
-        encoded = _encoded_images(kind, args.ip_images)
+        encoded = _encoded_images("cifar" if kind == "cifar" else "imagenet", args.ip_images)
         if kind == "imagenet":
             out["imagenet_jpeg_bytes_mean"] = float(np.mean([len(j) for j in encoded]))
         ds = _augmented_batches(encoded, _train_preprocess(kind, args.ip_image_size), b)
@@ -851,8 +863,10 @@ def run_input_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     out["cifar_img_per_s"] = tf_pipeline("cifar")
     # ImageNet: JPEGs of the typical 500x375 through augment.imagenet_train (decode+crop, resize, flip).
     out["imagenet_img_per_s"] = tf_pipeline("imagenet")
+    # The same JPEGs through paper 1's recipe (whole decode, resize to [256, 480], crop, flip, lighting).
+    out["imagenet_scale_img_per_s"] = tf_pipeline("imagenet_scale")
     out["imagenet_image_size"] = args.ip_image_size
-    for name in ("digits", "cifar", "imagenet"):
+    for name in PIPELINES:
         out[f"{name}_img_per_s_per_core"] = out[f"{name}_img_per_s"] / cores
     return out
 
@@ -1032,11 +1046,6 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         sections.append(_table(headers, rows))
     pipes = [r for r in results if r.get("mode") == "input_pipeline"]
     if pipes:
-        names = (
-            ("digits", "digits (numpy, 8x8)"),
-            ("cifar", "CIFAR (PNG decode, pad+crop+flip)"),
-            ("imagenet", "ImageNet (500x375 JPEG decode+crop, resize {}, flip)"),
-        )
         rows = [
             (
                 what.format(r.get("imagenet_image_size")),
@@ -1045,7 +1054,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
                 _fmt(r[name + "_img_per_s_per_core"]),
             )
             for r in pipes
-            for name, what in names
+            for name, what in PIPELINES.items()
+            if name + "_img_per_s" in r  # results written before a pipeline was added lack it
         ]
         sections.append(_table(("pipeline", "cores", "img/s", "img/s per core"), rows))
     fed = [r for r in results if r.get("fed_img_per_s")]

@@ -45,6 +45,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     # ImageNet training crops: antialiased resize (torchvision's); false: plain bilinear (the Flax
     # example's), 1.4-1.7x faster host decoding for input-bound runs (benchmarks/RESULTS.md).
     c.dataset.train_antialias = True
+    # ImageNet training augmentation: inception (random-resized crops, 8-100% of the area:
+    # torchvision's and the Flax example's) | scale (paper 1: shorter side in [256, 480], random
+    # crop). lighting_std > 0 adds AlexNet's PCA colour augmentation (paper 1: 0.1).
+    c.dataset.train_augment = "inception"
+    c.dataset.lighting_std = 0.0
 
     c.batch_size = 256  # global, over all devices and hosts
     c.num_epochs = 90.0
@@ -99,8 +104,12 @@ def cifar_paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 def imagenet_paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Paper 1, section 3.4: batch 256, lr 0.1 divided by 10 on plateaus (fixed here at epochs 30,
-    60 and 90 of 120 = the paper's 60e4 iterations), weight decay 1e-4, momentum 0.9."""
+    60 and 90 of 120 = the paper's 60e4 iterations), weight decay 1e-4, momentum 0.9; scale
+    augmentation (shorter side in [256, 480], random 224 crop, flip) and AlexNet's colour
+    augmentation."""
     c.dataset.name = "imagenet2012"
+    c.dataset.train_augment = "scale"
+    c.dataset.lighting_std = 0.1
     c.batch_size = 256
     c.learning_rate = 0.1
     c.num_epochs = 120.0

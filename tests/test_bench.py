@@ -155,7 +155,7 @@ def test_input_pipeline_mode():
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["cpu_cores"] >= 1
-    for name in ("digits", "cifar", "imagenet"):
+    for name in ("digits", "cifar", "imagenet", "imagenet_scale"):
         assert out[f"{name}_img_per_s"] > 0 and out[f"{name}_img_per_s_per_core"] > 0, name
 
 

@@ -497,6 +497,72 @@ def test_imagenet_train_antialias_option(imagenet_data_dir):
         batch(train_antialias="no")
 
 
+def test_imagenet_scale_augmentation(imagenet_data_dir):
+    """train_augment='scale' (paper 1): uint8 crops of the size asked, the same batches on resume
+    and different ones from the Inception crops; lighting shifts each image by one RGB offset (the
+    same crops and flips otherwise)."""
+    data_dir, manual_dir = imagenet_data_dir
+
+    def batches(n=3, start_step=0, **option):
+        cfg = imagenet_cfg(data_dir, manual_dir, **option)
+        return take(data.train_batches(cfg, global_batch_size=4, seed=0, start_step=start_step), n)
+
+    scale = batches(train_augment="scale")
+    assert [b["image"].shape for b in scale] == [(4, 64, 64, 3)] * 3 and scale[0]["image"].dtype == np.uint8
+    assert_batches_equal(scale[1:], batches(2, start_step=1, train_augment="scale"))
+    inception = batches(1)[0]
+    np.testing.assert_array_equal(inception["label"], scale[0]["label"])
+    assert not np.array_equal(inception["image"], scale[0]["image"])
+
+    lit = batches(1, train_augment="scale", lighting_std=0.1)[0]["image"].astype(np.float32)
+    plain = scale[0]["image"].astype(np.float32)
+    inside = (plain > 20) & (plain < 235)  # away from clipping at 0 and 255
+    shifts = []
+    for i in range(4):
+        for c in range(3):
+            d = (lit - plain)[i, ..., c][inside[i, ..., c]]
+            assert d.max() - d.min() <= 1.0, (i, c)  # one offset per channel; only rounding differs
+            shifts.append(float(np.median(d)))
+    assert max(abs(s) for s in shifts) > 2.0  # std 0.1 of the top eigenvalue: ~12 levels
+
+
+def test_scale_augmentation_draws_the_papers_scales():
+    """Resizing a horizontal ramp 0..255 (100x100) so that its shorter side is s makes the slope of
+    the crop 255 / (s - 1) per pixel: over many seeds, s covers scale_range(16) = (18, 34), the
+    paper's [256, 480] at 16/224 of the size, and no other values."""
+    import tensorflow as tf
+
+    from resnet_jax.data import augment
+
+    assert augment.scale_range(224) == (256, 480) and augment.scale_range(16) == (18, 34)
+    ramp = np.tile(np.linspace(0, 255, 100, dtype=np.float32)[None, :, None], (100, 1, 3))
+    png = tf.io.encode_png(tf.constant(np.round(ramp).astype(np.uint8)))
+    sides = []
+    for k in range(60):
+        out = augment.imagenet_scale_train(png, tf.constant([7, k], tf.int64), 16, antialias=False).numpy()
+        assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+        slope = abs(float(out[8, -1, 0]) - float(out[8, 0, 0])) / 15
+        sides.append(255 / slope + 1)
+    assert min(sides) > 18 - 1.5 and max(sides) < 34 + 1.5, (min(sides), max(sides))
+    assert min(sides) < 22 and max(sides) > 30  # the whole range is drawn
+
+
+def test_imagenet_augment_options_are_checked():
+    for option, needle in [
+        ({"train_augment": "crop"}, "train_augment='crop'; use 'inception'"),
+        ({"lighting_std": -0.1}, "lighting_std=-0.1; use a number >= 0"),
+        ({"lighting_std": True}, "lighting_std=True"),
+    ]:
+        cfg = ml_collections.ConfigDict({**dataset_cfg(name="imagenet2012").to_dict(), **option})
+        with pytest.raises(UserError, match=needle):
+            data.get_info(cfg)
+    # On CIFAR they would mean nothing: refused before the dataset is looked for.
+    for option in ({"train_augment": "scale"}, {"lighting_std": 0.1}):
+        key = next(iter(option))
+        with pytest.raises(UserError, match=f"config.dataset.{key}=.* is an ImageNet option; cifar10"):
+            data.get_info(dataset_cfg(name="cifar10", **option))
+
+
 @pytest.mark.parametrize("process_count, global_batch_size", [(2, 2), (3, 3)])
 def test_imagenet_eval_over_processes(imagenet_data_dir, process_count, global_batch_size):
     cfg = imagenet_cfg(*imagenet_data_dir)

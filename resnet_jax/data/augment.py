@@ -30,6 +30,18 @@ CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 # Eval: resize the shorter side to size * 256 / 224 (256 for 224), then crop the centre.
 EVAL_RESIZE_RATIO = 256.0 / 224.0
+# Paper 1's scale augmentation (section 3.4, after Simonyan & Zisserman): the shorter side
+# resized to a random integer in [256, 480] for 224 crops (scaled with the crop size).
+SCALE_RANGE = (256, 480)
+# AlexNet's PCA colour augmentation ("lighting"; paper 1 uses "the standard color augmentation in
+# [21]"): the eigenvalues and eigenvectors (columns) of ImageNet's RGB covariance on the 0..1
+# scale, the figures published with fb.resnet.torch. AlexNet drew the weights with std 0.1.
+LIGHTING_EIGVAL = (0.2175, 0.0188, 0.0045)
+LIGHTING_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
 
 
 def to_pixels(image: tf.Tensor) -> tf.Tensor:
@@ -125,14 +137,56 @@ def imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor, size: int, antialias
     return to_pixels(image)
 
 
-def _resize_shorter_side(image: tf.Tensor, shorter: int) -> tf.Tensor:
-    """Resizes [H, W, 3] so that min(H, W) == ``shorter``, keeping the aspect ratio."""
+def _resize_shorter_side(image: tf.Tensor, shorter, antialias: bool = True) -> tf.Tensor:
+    """Resizes [H, W, 3] so that min(H, W) == ``shorter`` (an int or int32 scalar tensor), keeping
+    the aspect ratio."""
     shape = tf.shape(image)
     height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    scale = shorter / tf.minimum(height, width)
+    shorter = tf.cast(shorter, tf.int32)
+    scale = tf.cast(shorter, tf.float32) / tf.minimum(height, width)
     new_h = tf.maximum(shorter, tf.cast(tf.round(height * scale), tf.int32))
     new_w = tf.maximum(shorter, tf.cast(tf.round(width * scale), tf.int32))
-    return _resize(image, new_h, new_w)
+    return _resize(image, new_h, new_w, antialias)
+
+
+def scale_range(size: int) -> tuple[int, int]:
+    """The shorter sides paper 1's scale augmentation draws from, for ``size`` crops."""
+    return tuple(int(round(s * size / 224)) for s in SCALE_RANGE)
+
+
+def imagenet_scale_train(
+    image_bytes: tf.Tensor, seed: tf.Tensor, size: int, lighting_std: float = 0.0, antialias: bool = True
+) -> tf.Tensor:
+    """Paper 1's ImageNet augmentation: the shorter side resized to a random integer in
+    ``scale_range(size)`` ([256, 480] for 224), a random ``size`` x ``size`` crop, a random
+    horizontal flip, and, with ``lighting_std`` > 0, AlexNet's PCA colour augmentation (each
+    image shifted by ``LIGHTING_EIGVEC @ (alpha * LIGHTING_EIGVAL)``, alpha ~ N(0, lighting_std)).
+
+    The whole JPEG is decoded (the crop is a small part of a rescaled image, unlike the Inception
+    crop's window): this costs more host time per image than ``imagenet_train``.
+
+    Args:
+        image_bytes: A JPEG.
+        seed: int64 [2] per-example seed.
+        size: Output side.
+        lighting_std: Standard deviation of the PCA weights (AlexNet and paper 1: 0.1; 0: none).
+        antialias: Antialiased resize (as ``imagenet_train``).
+
+    Returns:
+        uint8 [size, size, 3].
+    """
+    scale_seed, crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    low, high = scale_range(size)
+    shorter = tf.random.stateless_uniform([], scale_seed, minval=low, maxval=high + 1, dtype=tf.int32)
+    image = _resize_shorter_side(_decode(image_bytes), shorter, antialias)
+    image = tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_seed)
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    if lighting_std > 0:
+        alpha = tf.random.stateless_normal([3], light_seed, stddev=lighting_std)
+        shift = tf.linalg.matvec(tf.constant(LIGHTING_EIGVEC), alpha * tf.constant(LIGHTING_EIGVAL))
+        image = image + 255.0 * shift  # per-channel shift, the same for every pixel
+    image.set_shape([size, size, 3])
+    return to_pixels(image)
 
 
 def imagenet_eval(image_bytes: tf.Tensor, size: int, crops: int = 1) -> tf.Tensor:

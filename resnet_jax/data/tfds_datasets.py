@@ -233,6 +233,37 @@ def _check_shards(builder, name: str, splits: tuple[str, ...]) -> None:
             )
 
 
+TRAIN_AUGMENTS = ("inception", "scale")
+
+
+def imagenet_augment_options(dataset_cfg: Any) -> tuple[bool, str, float]:
+    """Validated (train_antialias, train_augment, lighting_std) of an ImageNet config."""
+    antialias = base.cfg_get(dataset_cfg, "train_antialias", True)
+    if not isinstance(antialias, bool):
+        raise UserError(f"config.dataset.train_antialias={antialias!r}; use true or false")
+    recipe = base.cfg_get(dataset_cfg, "train_augment", "inception")
+    if recipe not in TRAIN_AUGMENTS:
+        raise UserError(
+            f"config.dataset.train_augment={recipe!r}; use 'inception' (random-resized crops) "
+            "or 'scale' (paper 1's [256, 480] scale augmentation)"
+        )
+    lighting_std = base.cfg_get(dataset_cfg, "lighting_std", 0.0)
+    if isinstance(lighting_std, bool) or not isinstance(lighting_std, int | float) or not lighting_std >= 0:
+        raise UserError(f"config.dataset.lighting_std={lighting_std!r}; use a number >= 0 (paper 1: 0.1; 0: none)")
+    return antialias, recipe, float(lighting_std)
+
+
+def _check_cifar_augment(dataset_cfg: Any) -> None:
+    """The ImageNet augmentation keys would silently mean nothing for CIFAR's pad-and-crop."""
+    for key, default in (("train_augment", "inception"), ("lighting_std", 0.0)):
+        value = base.cfg_get(dataset_cfg, key, default)
+        if value != default:
+            raise UserError(
+                f"config.dataset.{key}={value!r} is an ImageNet option; {base.dataset_name(dataset_cfg)} "
+                "trains with paper 1's pad-and-crop: leave it unset."
+            )
+
+
 def _layout(dataset_cfg: Any) -> tuple[Any, _Slice, _Slice, int, int]:
     """Prepares the dataset and returns (builder, train slice, eval slice, image size, eval crops)."""
     name = base.dataset_name(dataset_cfg)
@@ -244,7 +275,9 @@ def _layout(dataset_cfg: Any) -> tuple[Any, _Slice, _Slice, int, int]:
     if name.startswith("cifar"):
         if size != spec.default_image_size:
             raise UserError(f"{name} images are 32x32: leave config.dataset.image_size unset (or 32), not {size}.")
+        _check_cifar_augment(dataset_cfg)
     else:
+        imagenet_augment_options(dataset_cfg)
         if validation_split:
             base.check_no_validation_split(dataset_cfg)
         if size < 1:
@@ -339,13 +372,15 @@ def train_batches(
     positions = tf.data.Dataset.range(start, _STREAM_END)
 
     if name == "imagenet2012":
-        antialias = base.cfg_get(dataset_cfg, "train_antialias", True)
-        if not isinstance(antialias, bool):
-            raise UserError(f"config.dataset.train_antialias={antialias!r}; use true or false")
+        antialias, recipe, lighting_std = imagenet_augment_options(dataset_cfg)
 
         def preprocess(position, image_bytes, label):
             example_seed = tf.stack([augment_seed, position])
-            return {"image": augment.imagenet_train(image_bytes, example_seed, size, antialias), "label": label}
+            if recipe == "scale":
+                image = augment.imagenet_scale_train(image_bytes, example_seed, size, lighting_std, antialias)
+            else:
+                image = augment.imagenet_train(image_bytes, example_seed, size, antialias)
+            return {"image": image, "label": label}
     else:
 
         def preprocess(position, image_bytes, label):
