@@ -10,13 +10,12 @@ Prints one JSON object (step, eval/loss, eval/top1_acc, eval/top5_acc) and write
 from __future__ import annotations
 
 import json
-import pathlib
 
 from absl import flags
 
 from resnet_jax import cli
 from resnet_jax.errors import UserError
-from resnet_jax.workdir import load_config_dict, require_workdir
+from resnet_jax.workdir import load_config_dict, require_workdir, result_path
 
 # What the data pipelines accept (resnet_jax.data.base.eval_crops): 10 is for imagenet2012 only.
 EVAL_CROPS = (1, 10)
@@ -24,12 +23,6 @@ EVAL_CROPS = (1, 10)
 flags.DEFINE_string("workdir", None, "the training run's --workdir")
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval top-1) or a step number")
 flags.DEFINE_integer("eval_crops", None, "1 (centre crop) or 10 (the paper's 10-crop testing, ImageNet only)")
-
-
-def result_path(workdir: str | pathlib.Path, step: int, crops: int = 1) -> pathlib.Path:
-    """Where the result of evaluating ``step`` with ``crops`` crops is written."""
-    suffix = "" if crops == 1 else f"_{crops}crop"
-    return pathlib.Path(workdir) / f"eval_{step}{suffix}.json"
 
 
 @cli.guarded

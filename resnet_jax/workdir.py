@@ -160,6 +160,13 @@ def require_workdir(path: str | pathlib.Path) -> pathlib.Path:
     return p
 
 
+def result_path(workdir: str | pathlib.Path, step: int, crops: int = 1) -> pathlib.Path:
+    """Where ``python -m resnet_jax.evaluate`` writes the result of evaluating ``step`` with
+    ``crops`` crops (the results table reads the 10-crop ones)."""
+    suffix = "" if crops == 1 else f"_{crops}crop"
+    return pathlib.Path(workdir) / f"eval_{step}{suffix}.json"
+
+
 def load_config_dict(workdir) -> dict:
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.exists():

@@ -206,6 +206,36 @@ def test_results_table_groups_seeds(fake_runs, tmp_path, capsys):
     assert "exists" in one_line_error(capsys)
 
 
+def test_results_table_uses_ten_crop_results_for_imagenet(tmp_path, capsys):
+    """The papers' ImageNet errors are 10-crop: a run's eval_<final step>_10crop.json (evaluate
+    --eval_crops=10) replaces its centre-crop eval, and the "test views" column says which. Runs
+    tested differently are not averaged together; a result of another step is not used."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        fake_run(root / f"r50_s{seed}", model="resnet50", dataset="imagenet2012", acc=0.75, seed=seed)
+    (root / "r50_s0" / "eval_400_10crop.json").write_text(json.dumps({"step": 400, "eval/top1_acc": 0.78}))
+    fake_run(root / "r50_s2", model="resnet50", dataset="imagenet2012", acc=0.70, seed=2)
+    (root / "r50_s2" / "eval_200_10crop.json").write_text(json.dumps({"step": 200, "eval/top1_acc": 0.99}))
+    rows = results_table.collect(results_table.find_workdirs(root))
+    by_views = {r.views: r for r in rows}
+    assert sorted(by_views) == [1, 10]
+    assert by_views[10].errors == pytest.approx([22.0]) and by_views[10].workdirs == [str(root / "r50_s0")]
+    assert sorted(by_views[1].errors) == pytest.approx([25.0, 30.0])  # s2's 10-crop file is of step 200
+    assert by_views[10].paper.error == 22.85 and by_views[10].paper.note == "10-crop"
+    md = results_table.to_markdown(rows)
+    assert "| test views |" in md.splitlines()[0]
+    assert any("| 10 | 22.00 | 22.85 (10-crop) |" in ln for ln in md.splitlines())
+    assert "test views" in results_table.to_latex(rows)
+    # CIFAR tables keep their columns: the views appear only for ImageNet or 10-view results.
+    cifar = tmp_path / "cifar"
+    fake_run(cifar / "r20")
+    assert "test views" not in results_table.to_markdown(results_table.collect([cifar / "r20"]))
+    # A damaged result file is a one-line error, not a traceback.
+    (root / "r50_s0" / "eval_400_10crop.json").write_text("{")
+    assert results_table.main(["--root", str(root)]) == 2
+    assert "eval_400_10crop.json is not an evaluate result" in one_line_error(capsys)
+
+
 @pytest.mark.parametrize("module", [layer_responses, gradient_flow, curves, results_table])
 def test_cli_errors_are_one_line(module, tmp_path, capsys):
     argv = ["--runs", str(tmp_path / "missing")]
@@ -389,11 +419,10 @@ def test_evaluate_refuses_bad_arguments(digits_run, args, needles):
 
 def test_evaluate_result_names_keep_each_crop_count():
     """A 10-crop result of a step does not replace its centre-crop one; the 1-crop name is as before."""
-    code = (
-        "from resnet_jax.evaluate import result_path as r; print(r('W', 3).name, r('W', 3, 1).name, r('W', 3, 10).name)"
-    )
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=user_env(), capture_output=True, text=True)
-    assert p.stdout.split() == ["eval_3.json", "eval_3.json", "eval_3_10crop.json"], p.stderr[-3000:]
+    from resnet_jax.workdir import result_path
+
+    names = [result_path("W", 3).name, result_path("W", 3, 1).name, result_path("W", 3, 10).name]
+    assert names == ["eval_3.json", "eval_3.json", "eval_3_10crop.json"]
 
 
 @pytest.mark.parametrize("steps", ["-5", "0"])

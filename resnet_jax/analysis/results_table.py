@@ -1,7 +1,10 @@
 """Results tables: final test error of runs, mean +- std over seeds, beside the papers' numbers.
 
 Each run's final test error is ``100 * (1 - eval/top1_acc)`` of the last eval row of its
-``metrics.jsonl``. Runs are grouped by their configuration minus the seed: the group key is the
+``metrics.jsonl`` (the run's own ``dataset.eval_crops`` views), or, where ``python -m
+resnet_jax.evaluate --eval_crops=10`` has written ``eval_<step>_10crop.json`` for that step, of
+the 10-crop result: the papers' ImageNet protocol. The "test views" column says which (1 or 10).
+Runs are grouped by their configuration minus the seed: the group key is the test views, the
 dataset, the model name, the shortcut kind (the family's default when not set), and every other
 config key whose value differs between the runs given, except keys that cannot change the result
 (seed, logging, checkpointing, data location, scan/remat: see ``IGNORED_KEYS``). Those differing
@@ -36,9 +39,9 @@ from collections.abc import Iterable, Sequence
 
 from resnet_jax import cli
 from resnet_jax.analysis import common
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, describe
 from resnet_jax.logbook import METRICS_FILE, read_metrics
-from resnet_jax.workdir import CONFIG_FILE
+from resnet_jax.workdir import CONFIG_FILE, result_path
 
 log = logging.getLogger("resnet_jax")
 
@@ -120,6 +123,7 @@ class Row:
       model_name: the zoo name (``cifar_resnet20``).
       shortcut: the shortcut kind used.
       setting: the config keys that set this group apart from the others (``key=value, ...``).
+      views: the test views of each error: 1, or 10 (10-crop testing).
       errors: each run's final test error, %.
       steps: each run's final eval step.
       workdirs: the runs.
@@ -130,6 +134,7 @@ class Row:
     model_name: str
     shortcut: str
     setting: str
+    views: int
     errors: list[float]
     steps: list[int]
     workdirs: list[str]
@@ -171,13 +176,28 @@ def _flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def final_test_error(workdir: str | pathlib.Path) -> tuple[int, float] | None:
-    """``(step, error in %)`` of the last eval row of a run's ``metrics.jsonl``, or None."""
+def final_test_error(workdir: str | pathlib.Path, eval_crops: int = 1) -> tuple[int, float, int] | None:
+    """``(step, error in %, test views)`` of a run's final evaluation, or None without one.
+
+    The last eval row of ``metrics.jsonl`` (made with the run's ``eval_crops``) or, when the run
+    evaluated that step with 1 view and ``evaluate --eval_crops=10`` wrote its 10-crop result,
+    that result instead.
+
+    Raises:
+      UserError: the 10-crop result file is not readable JSON with ``eval/top1_acc``.
+    """
     evals = [r for r in read_metrics(workdir) if "eval/top1_acc" in r]
     if not evals:
         return None
     last = max(evals, key=lambda r: r["step"])
-    return int(last["step"]), 100.0 * (1.0 - float(last["eval/top1_acc"]))
+    step, acc, views = int(last["step"]), float(last["eval/top1_acc"]), int(eval_crops)
+    ten = result_path(workdir, step, 10)
+    if views == 1 and ten.is_file():
+        try:
+            acc, views = float(json.loads(ten.read_text())["eval/top1_acc"]), 10
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{ten} is not an evaluate result ({describe(e)}); fix or move it away") from None
+    return step, 100.0 * (1.0 - acc), views
 
 
 def find_workdirs(root: str | pathlib.Path) -> list[pathlib.Path]:
@@ -199,6 +219,7 @@ def _sort_key(row: Row) -> tuple:
         common.model_depth(row.model_name) or 0,
         row.shortcut,
         row.setting,
+        row.views,
     )
 
 
@@ -218,7 +239,7 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
     runs = []
     for wd in workdirs:
         cfg = common.read_config(wd)
-        final = final_test_error(wd)
+        final = final_test_error(wd, int(cfg.get("dataset", {}).get("eval_crops", 1)))
         if final is None:
             log.warning("skipping %s: no eval row in its %s", wd, METRICS_FILE)
             continue
@@ -232,38 +253,52 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
         and len({flat.get(k, "<unset>") for _, _, flat, _ in runs}) > 1
     ]
     groups: dict[tuple, Row] = {}
-    for wd, cfg, flat, (step, error) in runs:
+    for wd, cfg, flat, (step, error, views) in runs:
         dataset = str(cfg.get("dataset", {}).get("name", "?"))
         name = str(cfg.get("model", {}).get("name", "?"))
         shortcut = common.resolved_shortcut(cfg)
         setting = ", ".join(f"{k}={json.loads(flat[k]) if k in flat else 'unset'}" for k in varying)
-        key = (dataset, name, shortcut, setting)
+        key = (dataset, name, shortcut, setting, views)
         if key not in groups:
-            groups[key] = Row(dataset, name, shortcut, setting, [], [], [], PAPER.get((dataset, name, shortcut)))
+            paper = PAPER.get((dataset, name, shortcut))
+            groups[key] = Row(dataset, name, shortcut, setting, views, [], [], [], paper)
         groups[key].errors.append(error)
         groups[key].steps.append(step)
         groups[key].workdirs.append(wd)
     return sorted(groups.values(), key=_sort_key)
 
 
-_HEADER = ("dataset", "model", "shortcut", "setting", "seeds", "iterations", "test error (%)", "paper (%)")
+_HEADER = (
+    "dataset", "model", "shortcut", "setting", "seeds", "iterations", "test views", "test error (%)", "paper (%)",
+)  # fmt: skip
+_NUMERIC = ("seeds", "iterations", "test views", "test error (%)", "paper (%)")
 
 
 def _cells(row: Row, pm: str) -> list[str]:
     paper = str(row.paper) if row.paper else "–"
-    return [row.dataset, row.model, row.shortcut, row.setting, str(row.n), row.steps_text(), row.error_text(pm), paper]
+    return [
+        row.dataset, row.model, row.shortcut, row.setting, str(row.n), row.steps_text(), str(row.views),
+        row.error_text(pm), paper,
+    ]  # fmt: skip
 
 
 def _columns(rows: Sequence[Row]) -> list[int]:
-    # The setting column only when some group has one.
-    return [i for i in range(len(_HEADER)) if i != 3 or any(r.setting for r in rows)]
+    # The setting column only when some group has one; the views where they matter (ImageNet,
+    # whose published errors are 10-crop, or any 10-view result).
+    shown = {
+        "setting": any(r.setting for r in rows),
+        "test views": any(r.views != 1 or r.dataset == "imagenet2012" for r in rows),
+    }
+    return [i for i, h in enumerate(_HEADER) if shown.get(h, True)]
 
 
 def to_markdown(rows: Sequence[Row]) -> str:
     """The rows as a GitHub markdown table (test error: mean ± sample std over seeds)."""
     cols = _columns(rows)
     lines = ["| " + " | ".join(_HEADER[i] for i in cols) + " |"]
-    lines.append("|" + "|".join("---:" if _HEADER[i] in ("seeds", "iterations") else "---" for i in cols) + "|")
+    lines.append(
+        "|" + "|".join("---:" if _HEADER[i] in ("seeds", "iterations", "test views") else "---" for i in cols) + "|"
+    )
     for r in rows:
         cells = _cells(r, "±")
         lines.append("| " + " | ".join(cells[i].replace("|", "\\|") for i in cols) + " |")
@@ -291,7 +326,7 @@ def _latex_escape(text: str) -> str:
 def to_latex(rows: Sequence[Row]) -> str:
     """The rows as a LaTeX ``tabular`` (no packages needed beyond LaTeX itself)."""
     cols = _columns(rows)
-    align = "".join("r" if _HEADER[i] in ("seeds", "iterations", "test error (%)", "paper (%)") else "l" for i in cols)
+    align = "".join("r" if _HEADER[i] in _NUMERIC else "l" for i in cols)
     lines = [f"\\begin{{tabular}}{{{align}}}", "\\hline"]
     lines.append(" & ".join(_latex_escape(_HEADER[i]) for i in cols) + r" \\")
     lines.append("\\hline")
