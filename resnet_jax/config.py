@@ -42,6 +42,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.dataset.num_classes = config_dict.placeholder(int)  # synthetic only
     c.dataset.num_examples = 1281167  # synthetic only: images per "epoch"
     c.dataset.eval_crops = 1  # 1: center crop; 10: the paper's 10-crop testing (ImageNet)
+    # ImageNet eval crop side (None: image_size); paper 2 tests 224-trained nets on 320 crops.
+    c.dataset.eval_image_size = config_dict.placeholder(int)
     # ImageNet training crops: antialiased resize (torchvision's); false: plain bilinear (the Flax
     # example's), 1.4-1.7x faster host decoding for input-bound runs (benchmarks/RESULTS.md).
     c.dataset.train_antialias = True

@@ -1,10 +1,12 @@
 """Evaluate a run's checkpoint on its eval split.
 
   python -m resnet_jax.evaluate --workdir=DIR [--checkpoint=latest|best|STEP] [--eval_crops=10]
+      [--eval_image_size=320]
 
 Prints one JSON object (step, eval/loss, eval/top1_acc, eval/top5_acc) and writes it to
-``DIR/eval_<step>.json`` (``DIR/eval_<step>_<crops>crop.json`` with more than one crop, so that a
-10-crop result and a centre-crop one of the same step are both kept).
+``DIR/eval_<step>.json`` (``DIR/eval_<step>_<crops>crop.json`` with more than one crop, and
+``..._<size>px.json`` for crops of another size than the run's, so that the result of each
+protocol for the same step is kept).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ EVAL_CROPS = (1, 10)
 flags.DEFINE_string("workdir", None, "the training run's --workdir")
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval top-1) or a step number")
 flags.DEFINE_integer("eval_crops", None, "1 (centre crop) or 10 (the paper's 10-crop testing, ImageNet only)")
+flags.DEFINE_integer("eval_image_size", None, "ImageNet: side of the eval crops (default: the run's image size)")
 
 
 @cli.guarded
@@ -42,16 +45,24 @@ def _main(argv) -> None:
     run_config = load_config_dict(f.workdir)
     if f.checkpoint not in ("latest", "best") and not f.checkpoint.isdigit():
         raise UserError(f"--checkpoint={f.checkpoint!r}: use 'latest', 'best' or a step number")
+    dataset = run_config.get("dataset", {})
+    if f.eval_image_size is not None and (f.eval_image_size < 1 or dataset.get("name") != "imagenet2012"):
+        raise UserError(
+            f"--eval_image_size={f.eval_image_size}: give a positive size, for an imagenet2012 run "
+            f"(this run's dataset: {dataset.get('name')})"
+        )
     cli.check_environment()
     cli.setup_logging()
     from resnet_jax.train import evaluate_checkpoint
 
-    overrides = {"eval_crops": f.eval_crops} if f.eval_crops is not None else None
+    overrides = {k: v for k, v in (("eval_crops", f.eval_crops), ("eval_image_size", f.eval_image_size)) if v}
     step, metrics = evaluate_checkpoint(f.workdir, f.checkpoint, overrides)
     out = {"step": step, **metrics}
     # The crops the evaluation used (the run's own setting unless --eval_crops; valid by now).
-    crops = f.eval_crops or int(run_config["dataset"].get("eval_crops", 1))
-    result_path(f.workdir, step, crops).write_text(json.dumps(out, indent=2))
+    crops = f.eval_crops or int(dataset.get("eval_crops", 1))
+    own_size = dataset.get("eval_image_size") or dataset.get("image_size")
+    size = f.eval_image_size if f.eval_image_size not in (None, own_size) else None
+    result_path(f.workdir, step, crops, size).write_text(json.dumps(out, indent=2))
     print(json.dumps(out))
 
 

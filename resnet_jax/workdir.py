@@ -160,10 +160,11 @@ def require_workdir(path: str | pathlib.Path) -> pathlib.Path:
     return p
 
 
-def result_path(workdir: str | pathlib.Path, step: int, crops: int = 1) -> pathlib.Path:
+def result_path(workdir: str | pathlib.Path, step: int, crops: int = 1, image_size: int | None = None) -> pathlib.Path:
     """Where ``python -m resnet_jax.evaluate`` writes the result of evaluating ``step`` with
-    ``crops`` crops (the results table reads the 10-crop ones)."""
-    suffix = "" if crops == 1 else f"_{crops}crop"
+    ``crops`` crops of ``image_size`` pixels (None: the run's own size), so that no protocol's
+    result replaces another's (the results table reads the 10-crop ones)."""
+    suffix = ("" if crops == 1 else f"_{crops}crop") + ("" if image_size is None else f"_{image_size}px")
     return pathlib.Path(workdir) / f"eval_{step}{suffix}.json"
 
 

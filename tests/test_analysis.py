@@ -423,6 +423,10 @@ def test_evaluate_result_names_keep_each_crop_count():
 
     names = [result_path("W", 3).name, result_path("W", 3, 1).name, result_path("W", 3, 10).name]
     assert names == ["eval_3.json", "eval_3.json", "eval_3_10crop.json"]
+    assert [result_path("W", 3, 1, 320).name, result_path("W", 3, 10, 320).name] == [
+        "eval_3_320px.json",
+        "eval_3_10crop_320px.json",
+    ]
 
 
 @pytest.mark.parametrize("steps", ["-5", "0"])

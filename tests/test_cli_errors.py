@@ -297,6 +297,7 @@ def run_without_jax(tmp_path: pathlib.Path, argv: list[str], **env_vars: str) ->
         ("missing_workdir", ["does not exist"]),
         ("not_a_run", ["config.json not found", "of a training run"]),
         ("garbage_checkpoint", ["--checkpoint='banana'", "'latest', 'best'"]),
+        ("eval_image_size_on_cifar", ["--eval_image_size=320", "for an imagenet2012 run", "cifar10"]),
     ],
 )
 def test_evaluate_errors_come_before_jax_is_imported(tmp_path, case, needles):
@@ -306,10 +307,13 @@ def test_evaluate_errors_come_before_jax_is_imported(tmp_path, case, needles):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     if case != "not_a_run":
-        (run_dir / "config.json").write_text(json.dumps({"model": {"name": "cifar_resnet8"}}))
+        run_config = {"model": {"name": "cifar_resnet8"}, "dataset": {"name": "cifar10"}}
+        (run_dir / "config.json").write_text(json.dumps(run_config))
     workdir = tmp_path / "nowhere" if case == "missing_workdir" else run_dir
     checkpoint = "banana" if case == "garbage_checkpoint" else "latest"
-    p = run_without_jax(tmp_path, ["-m", "resnet_jax.evaluate", f"--workdir={workdir}", f"--checkpoint={checkpoint}"])
+    extra = ["--eval_image_size=320"] if case == "eval_image_size_on_cifar" else []
+    argv = ["-m", "resnet_jax.evaluate", f"--workdir={workdir}", f"--checkpoint={checkpoint}", *extra]
+    p = run_without_jax(tmp_path, argv)
     assert_one_line_error(p, *needles, max_lines=1)
 
 

@@ -547,8 +547,21 @@ def test_scale_augmentation_draws_the_papers_scales():
     assert min(sides) < 22 and max(sides) > 30  # the whole range is drawn
 
 
+def test_imagenet_eval_image_size(imagenet_data_dir):
+    """eval_image_size: the eval crops (1 or 10) at another size than training's; the training
+    batches are unchanged."""
+    data_dir, manual_dir = imagenet_data_dir
+    cfg = imagenet_cfg(data_dir, manual_dir, eval_image_size=48)
+    assert data.get_info(cfg).image_shape == (64, 64, 3)  # the training images
+    assert next(data.train_batches(cfg, global_batch_size=4, seed=0))["image"].shape == (4, 64, 64, 3)
+    assert next(data.eval_batches(cfg, global_batch_size=3))["image"].shape == (3, 48, 48, 3)
+    cfg.eval_crops = 10
+    assert next(data.eval_batches(cfg, global_batch_size=3))["image"].shape == (3, 10, 48, 48, 3)
+
+
 def test_imagenet_augment_options_are_checked():
     for option, needle in [
+        ({"eval_image_size": 0}, "eval_image_size=0; use a positive number of pixels"),
         ({"train_augment": "crop"}, "train_augment='crop'; use 'inception'"),
         ({"lighting_std": -0.1}, "lighting_std=-0.1; use a number >= 0"),
         ({"lighting_std": True}, "lighting_std=True"),
@@ -557,7 +570,7 @@ def test_imagenet_augment_options_are_checked():
         with pytest.raises(UserError, match=needle):
             data.get_info(cfg)
     # On CIFAR they would mean nothing: refused before the dataset is looked for.
-    for option in ({"train_augment": "scale"}, {"lighting_std": 0.1}):
+    for option in ({"train_augment": "scale"}, {"lighting_std": 0.1}, {"eval_image_size": 64}):
         key = next(iter(option))
         with pytest.raises(UserError, match=f"config.dataset.{key}=.* is an ImageNet option; cifar10"):
             data.get_info(dataset_cfg(name="cifar10", **option))

@@ -40,6 +40,7 @@ CONFIGS = [
             "resnet152",
         )
     ],
+    *[f"imagenet_preact.py:{n}" for n in ("resnet152", "resnet200", "preact_resnet152", "preact_resnet200")],
     "imagenet_modern.py:resnet50",
     "imagenet_modern.py:resnet50:lars",
     *[

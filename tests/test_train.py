@@ -148,7 +148,9 @@ def test_an_error_on_process_0_stops_every_process(tmp_path):
 
 
 def test_one_step_on_imagenet_built_by_tfds(imagenet_data_dir, tmp_path):
-    """The real imagenet2012 builder's output (prepared from tiny generated tars) trains a step and evaluates."""
+    """The real imagenet2012 builder's output (prepared from tiny generated tars) trains a step
+    with paper 1's scale and colour augmentation and evaluates; evaluate then tests the step on
+    crops of another size and keeps that result beside the run's own."""
     from resnet_jax.config import get_base_config
     from resnet_jax.train import train_and_evaluate
 
@@ -161,9 +163,16 @@ def test_one_step_on_imagenet_built_by_tfds(imagenet_data_dir, tmp_path):
         manual_dir,
         32,
     )
+    c.dataset.train_augment, c.dataset.lighting_std = "scale", 0.1
     c.batch_size, c.num_steps, c.log_every_steps, c.progress_bar = 2, 1, 1, False
     final = train_and_evaluate(c, str(tmp_path))
     rows = read_metrics(tmp_path)
     assert np.isfinite([r["train/loss"] for r in rows if "train/loss" in r]).all()
     assert set(final) == {"eval/loss", "eval/top1_acc", "eval/top5_acc"} and np.isfinite(final["eval/loss"])
     assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+    argv = [sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={tmp_path}", "--eval_image_size=48"]
+    p = subprocess.run(argv, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((tmp_path / "eval_1_48px.json").read_text())
+    assert result["step"] == 1 and np.isfinite(result["eval/loss"]) and not (tmp_path / "eval_1.json").exists()
