@@ -1,9 +1,12 @@
-"""Paper 2: full pre-activation ResNet-164 and ResNet-1001 (bottleneck, 9n+2) on CIFAR-10/100.
+"""Paper 2: full pre-activation ResNet-164 and ResNet-1001 (bottleneck, 9n+2) on CIFAR-10/100,
+and the original (post-activation) nets of the same depths they are compared with.
 
-Command (argument: depth and dataset; default 164:cifar10):
+Command (argument: depth, dataset, and ':original' for the baseline; default 164:cifar10):
   python -m resnet_jax.train --config=experiments/cifar_preact.py:1001:cifar100 --workdir=runs/pre1001_c100
+  python -m resnet_jax.train --config=experiments/cifar_preact.py:1001:cifar100:original --workdir=runs/org1001_c100
 Expected test error, % (paper 2): pre-act ResNet-164 CIFAR-10 5.46, CIFAR-100 24.33; pre-act
-ResNet-1001 CIFAR-10 4.92 (4.89 +/- 0.14), CIFAR-100 22.71 (22.68 +/- 0.22). Parameters 1.7M / 10.2M.
+ResNet-1001 CIFAR-10 4.92 (4.89 +/- 0.14), CIFAR-100 22.71 (22.68 +/- 0.22). Original ResNet-164
+5.93 / 25.16, original ResNet-1001 7.61 / 27.82. Parameters 1.7M / 10.2M.
 Recipe: batch 128, lr 0.1 (0.01 for the first 400 iterations), /10 at 32k and 48k, stop at 64k,
 wd 1e-4, momentum 0.9; 1x1 projection shortcuts where the width changes.
 Compute: ResNet-164 about 0.25 GMACs per image; ResNet-1001 about 1.5 GMACs per image and, at batch
@@ -15,12 +18,16 @@ from resnet_jax.config import cifar_paper_recipe, get_base_config
 
 
 def get_config(arg: str = "164:cifar10"):
-    depth, _, dataset = arg.partition(":")
+    parts = arg.split(":")
+    depth, dataset, variant = [*parts, "", ""][:3]
     dataset = dataset or "cifar10"
-    if depth not in ("164", "1001") or dataset not in ("cifar10", "cifar100"):
-        raise ValueError(f"experiments/cifar_preact.py:{arg}: use 164 or 1001, then :cifar10 or :cifar100")
+    valid = depth in ("164", "1001") and dataset in ("cifar10", "cifar100") and variant in ("", "original")
+    if len(parts) > 3 or not valid:
+        raise ValueError(
+            f"experiments/cifar_preact.py:{arg}: use 164 or 1001, then :cifar10 or :cifar100, then optionally :original"
+        )
     c = cifar_paper_recipe(get_base_config())
-    c.model.name = f"cifar_preact_resnet{depth}"
+    c.model.name = f"cifar_{'bottleneck' if variant else 'preact'}_resnet{depth}"
     c.model.zero_init_last_bn = False
     c.dataset.name = dataset
     c.warmup_steps = 400

@@ -206,6 +206,26 @@ def test_results_table_groups_seeds(fake_runs, tmp_path, capsys):
     assert "exists" in one_line_error(capsys)
 
 
+def test_paper_names_and_numbers_of_paper_2s_bottleneck_nets(tmp_path):
+    from resnet_jax.analysis.common import pretty_model_name
+
+    names = ["cifar_resnet56", "plain34", "cifar_preact_resnet164", "cifar_bottleneck_resnet164", "preact_resnet200"]
+    assert [pretty_model_name(n) for n in names] == [
+        "ResNet-56",
+        "plain-34",
+        "pre-act ResNet-164",
+        "ResNet-164 (original)",
+        "pre-act ResNet-200",
+    ]
+    runs = [
+        fake_run(tmp_path / "org", model="cifar_bottleneck_resnet164", acc=0.94),
+        fake_run(tmp_path / "pre", model="cifar_preact_resnet1001", dataset="cifar100", acc=0.77),
+    ]
+    rows = {r.model: r for r in results_table.collect(runs)}
+    assert rows["ResNet-164 (original)"].shortcut == "B" and rows["ResNet-164 (original)"].paper.error == 5.93
+    assert rows["pre-act ResNet-1001"].paper.error == 22.71
+
+
 def test_results_table_uses_ten_crop_results_for_imagenet(tmp_path, capsys):
     """The papers' ImageNet errors are 10-crop: a run's eval_<final step>_10crop.json (evaluate
     --eval_crops=10) replaces its centre-crop eval, and the "test views" column says which. Runs

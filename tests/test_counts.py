@@ -38,7 +38,7 @@ PAPER1_CIFAR_MPARAMS = {
     "cifar_resnet110": "1.7",
     "cifar_resnet1202": "19.4",
 }
-PAPER2_CIFAR_MPARAMS = {"cifar_preact_resnet164": "1.7"}
+PAPER2_CIFAR_MPARAMS = {"cifar_preact_resnet164": "1.7", "cifar_bottleneck_resnet164": "1.7"}
 
 
 @functools.cache
@@ -74,9 +74,11 @@ def test_cifar_params_match_paper1_table6(name):
     assert _rounded_like(count_params(model), PAPER1_CIFAR_MPARAMS[name]) == PAPER1_CIFAR_MPARAMS[name]
 
 
-def test_cifar_preact_params_match_paper2():
-    model = _model("cifar_preact_resnet164", 10)
-    assert _rounded_like(count_params(model), "1.7") == "1.7"
+@pytest.mark.parametrize("name", sorted(PAPER2_CIFAR_MPARAMS))
+def test_cifar_bottleneck_params_match_paper2(name):
+    """Paper 2's ResNet-164, pre-activation and original: 1.7M parameters both."""
+    model = _model(name, 10)
+    assert _rounded_like(count_params(model), PAPER2_CIFAR_MPARAMS[name]) == PAPER2_CIFAR_MPARAMS[name]
 
 
 def test_cifar_preact_resnet1001_params():

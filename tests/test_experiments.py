@@ -48,6 +48,7 @@ CONFIGS = [
         for v in ("original", "constant_scaling", "exclusive_gating", "shortcut_gating", "conv_shortcut")
     ],
     *[f"cifar_preact.py:{d}:{ds}" for d in (164, 1001) for ds in ("cifar10", "cifar100")],
+    *[f"cifar_preact.py:{d}:cifar10:original" for d in (164, 1001)],
 ]
 
 

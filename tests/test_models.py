@@ -140,6 +140,7 @@ TRAIN_CASES = [
     ("preact_resnet18", dict(shortcut="C", scan_blocks=True, remat=True)),
     ("preact_resnet50", dict(stride_in="1x1", dtype="bfloat16")),
     ("cifar_preact_resnet11", {}),
+    ("cifar_bottleneck_resnet11", dict(shortcut="gated")),  # gates meet B projections here
 ]
 
 
@@ -449,6 +450,23 @@ def test_shortcut_parameters_per_option():
     assert ("final_bn", "scale") in p and ("bn1", "scale") not in p and ("conv1", "kernel") in p
     assert p[("stages", 0, "blocks", 0, "shortcut", "conv", "kernel")].shape == (1, 1, 16, 64)
 
+    # Paper 2's original ResNet-164: the same bottleneck stages, post-activation (a conv-BN-ReLU
+    # stem, BN after each conv, no final BN), 1x1 projections where the shape changes.
+    o = flat(abstract("cifar_bottleneck_resnet164", num_classes=10))
+    assert ("bn1", "scale") in o and ("final_bn", "scale") not in o
+    assert o[("stages", 0, "blocks", 0, "shortcut", "conv", "kernel")].shape == (1, 1, 16, 64)
+    assert o[("stages", 2, "blocks", 0, "conv3", "kernel")].shape == (1, 1, 64, 256)
+    assert ("stages", 2, "blocks", 0, "bn3", "scale") in o and (
+        "stages",
+        0,
+        "blocks",
+        1,
+        "shortcut",
+        "conv",
+        "kernel",
+    ) not in o
+    assert {k[:4] for k in o if k[0] == "stages"} == {k[:4] for k in p if k[0] == "stages"}  # same blocks
+
     s = flat(abstract("cifar_resnet20", width=WIDTH, scan_blocks=True))
     assert s[("stages", 1, "scanned", "conv1", "kernel")].shape == (2, 3, 3, 8, 8)
     assert type(s[("stages", 1, "scanned", "bn1", "mean")]) is nnx.BatchStat
@@ -469,6 +487,8 @@ def test_listed_models_resolve_with_the_right_depth():
         "cifar_plain56",
         "cifar_preact_resnet164",
         "cifar_preact_resnet1001",
+        "cifar_bottleneck_resnet164",
+        "cifar_bottleneck_resnet1001",
     ]:
         assert name in names
     for name in names:

@@ -101,18 +101,20 @@ def load_config(workdir: str | pathlib.Path):
 
 # --- names and labels ---------------------------------------------------------------------------
 
-_NAME = re.compile(r"(cifar_)?(preact_)?(resnet|plain)(\d+)")
+_NAME = re.compile(r"(cifar_)?(preact_|bottleneck_)?(resnet|plain)(\d+)")
 
 
 def pretty_model_name(name: str) -> str:
     """The paper's name of a zoo model: ``cifar_resnet56`` -> ``ResNet-56``, ``plain34`` -> ``plain-34``,
-    ``cifar_preact_resnet164`` -> ``pre-act ResNet-164``. Unknown names are returned unchanged."""
+    ``cifar_preact_resnet164`` -> ``pre-act ResNet-164``, ``cifar_bottleneck_resnet164`` ->
+    ``ResNet-164 (original)``. Unknown names are returned unchanged."""
     m = _NAME.fullmatch(name or "")
     if not m:
         return str(name)
-    _, preact, kind, depth = m.groups()
+    _, variant, kind, depth = m.groups()
     base = f"plain-{depth}" if kind == "plain" else f"ResNet-{depth}"
-    return f"pre-act {base}" if preact else base
+    # Paper 2 calls the post-activation bottleneck ResNet-164/1001 "original".
+    return {"preact_": f"pre-act {base}", "bottleneck_": f"{base} (original)"}.get(variant, base)
 
 
 def model_depth(name: str) -> int | None:

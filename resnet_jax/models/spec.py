@@ -18,17 +18,19 @@ IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
     200: ("bottleneck", (3, 24, 36, 3)),
 }
 
-# family -> (name pattern, stem, base width, default shortcut). CIFAR depths are computed:
-# 6n+2 layers with basic blocks, 9n+2 with bottlenecks (3 stages of n blocks).
+# family -> (stem, base width, default shortcut, pre-activation; CIFAR: the block). CIFAR depths
+# are computed: 6n+2 layers with basic blocks, 9n+2 with bottlenecks (3 stages of n blocks).
 FAMILIES: dict[str, dict[str, Any]] = {
     "resnet": dict(stem="imagenet", width=64, shortcut="B", preact=False),
     "plain": dict(stem="imagenet", width=64, shortcut="none", preact=False),
     "preact_resnet": dict(stem="imagenet", width=64, shortcut="B", preact=True),
-    "cifar_resnet": dict(stem="cifar", width=16, shortcut="A", preact=False),
-    "cifar_plain": dict(stem="cifar", width=16, shortcut="none", preact=False),
+    "cifar_resnet": dict(stem="cifar", width=16, shortcut="A", preact=False, block="basic"),
+    "cifar_plain": dict(stem="cifar", width=16, shortcut="none", preact=False, block="basic"),
     # Paper 2's ResNet-164/1001 use 1x1 projections where the width changes (16 -> 64 already in
     # the first block), as its reference code does: 'B'.
-    "cifar_preact_resnet": dict(stem="cifar_preact", width=16, shortcut="B", preact=True),
+    "cifar_preact_resnet": dict(stem="cifar_preact", width=16, shortcut="B", preact=True, block="preact_bottleneck"),
+    # Paper 2's "original" ResNet-164/1001 baselines: the same bottleneck nets, post-activation.
+    "cifar_bottleneck_resnet": dict(stem="cifar", width=16, shortcut="B", preact=False, block="bottleneck"),
 }
 
 # The networks of the papers, for list_models(); any valid CIFAR depth is accepted too.
@@ -36,6 +38,7 @@ _LISTED_CIFAR = {
     "cifar_resnet": (20, 32, 44, 56, 110, 1202),
     "cifar_plain": (20, 32, 44, 56, 110, 1202),
     "cifar_preact_resnet": (164, 1001),
+    "cifar_bottleneck_resnet": (164, 1001),
 }
 
 # Stages with at least this many blocks are scanned when scan_blocks='auto' (CIFAR ResNet-1202 has
@@ -64,8 +67,8 @@ DEFAULT_OPTIONS: dict[str, Any] = dict(
 
 
 def list_models() -> list[str]:
-    """The named networks of both papers. ``cifar_resnet{6n+2}``, ``cifar_plain{6n+2}`` and
-    ``cifar_preact_resnet{9n+2}`` accept any n >= 1 as well."""
+    """The named networks of both papers. ``cifar_resnet{6n+2}``, ``cifar_plain{6n+2}``,
+    ``cifar_preact_resnet{9n+2}`` and ``cifar_bottleneck_resnet{9n+2}`` accept any n >= 1 as well."""
     names = [f"{fam}{d}" for fam in ("resnet", "plain", "preact_resnet") for d in IMAGENET_DEPTHS]
     names += [f"{fam}{d}" for fam, depths in _LISTED_CIFAR.items() for d in depths]
     return names
@@ -78,7 +81,7 @@ def parse_name(name: str) -> tuple[str, str, tuple[int, ...]]:
     if fam not in FAMILIES:
         raise ValueError(
             f"unknown model {name!r}; valid names: {', '.join(list_models())} "
-            "(cifar_resnet/cifar_plain take any depth 6n+2, cifar_preact_resnet any 9n+2)"
+            "(cifar_resnet/cifar_plain take any depth 6n+2, cifar_preact_resnet/cifar_bottleneck_resnet any 9n+2)"
         )
     depth = int(m.group(2))
     preact = FAMILIES[fam]["preact"]
@@ -87,7 +90,8 @@ def parse_name(name: str) -> tuple[str, str, tuple[int, ...]]:
             raise ValueError(f"unknown depth {depth} for {fam}; valid depths: {sorted(IMAGENET_DEPTHS)}")
         block, sizes = IMAGENET_DEPTHS[depth]
         return fam, ("preact_" + block if preact else block), sizes
-    per_block, block = (9, "preact_bottleneck") if preact else (6, "basic")
+    block = FAMILIES[fam]["block"]
+    per_block = 9 if "bottleneck" in block else 6
     n, rem = divmod(depth - 2, per_block)
     if rem or n < 1:
         raise ValueError(

@@ -16,8 +16,8 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> R
     """Builds a network of the zoo.
 
     Args:
-      name: e.g. ``resnet50``, ``plain34``, ``cifar_resnet110``, ``cifar_preact_resnet164``
-        (see ``list_models``).
+      name: e.g. ``resnet50``, ``plain34``, ``cifar_resnet110``, ``cifar_preact_resnet164``,
+        ``cifar_bottleneck_resnet164`` (see ``list_models``).
       num_classes: size of the linear head.
       rngs: ``nnx.Rngs`` for parameter initialisation.
       **options: ``shortcut`` ('A', 'B', 'C', 'none', 'gated', 'shortcut_gated', 'scaled'),
@@ -40,7 +40,10 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> R
     if not isinstance(rngs, nnx.Rngs):
         raise ValueError(f"rngs is a {type(rngs).__name__}; pass nnx.Rngs(seed), e.g. rngs=nnx.Rngs(0)")
     o = resolve_options(name, **options)
-    downsample = "A" if o["family"].startswith("cifar") and not FAMILIES[o["family"]]["preact"] else "B"
+    # The shortcut of gating/scaling kinds where shapes change: option A in the CIFAR nets of
+    # paper 1, the 1x1 projection (B) in the bottleneck CIFAR nets of paper 2 and on ImageNet.
+    fam = FAMILIES[o["family"]]
+    downsample = "A" if o["family"].startswith("cifar") and fam["shortcut"] != "B" else "B"
     opts = BlockOptions(
         shortcut=o["shortcut"],
         downsample=downsample,
