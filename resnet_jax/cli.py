@@ -145,8 +145,9 @@ def setup_logging() -> None:
     logging.getLogger("resnet_jax").setLevel(logging.INFO)
     for noisy in ("absl", "jax._src", "orbax", "tensorflow", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Orbax says this whenever a checkpoint directory is opened for reading (evaluate).
-    logging.getLogger("absl").addFilter(_DropMessages("Given directory is read only"))
+    # Orbax says the first whenever a checkpoint directory is opened for reading (evaluate); TFDS
+    # the second before a dataset that is not prepared yet is (the error or preparation follows).
+    logging.getLogger("absl").addFilter(_DropMessages("Given directory is read only", "Variant folder"))
 
 
 def _config_problem(e: BaseException) -> str:
@@ -270,6 +271,9 @@ def _train(argv) -> None:
         raise UserError("--config is required, e.g. --config=experiments/digits.py")
     if not f.workdir:
         raise UserError("--workdir is required")
+    from resnet_jax.workdir import check_filesystem_path
+
+    check_filesystem_path(f.workdir)
     check_config(f.config)
     check_environment()
     init_distributed(f.coordinator_address, f.num_processes, f.process_id)

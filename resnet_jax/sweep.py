@@ -7,12 +7,18 @@ A sweep file defines ``get_sweep()`` returning a list of ``{"name", "config", "o
 (``overrides``: a dict of ``--config.key=value`` pairs, optional). Each (run, seed) trains in
 ``ROOT/<name>/seed<k>`` with ``--config.seed=k``. A run whose workdir already holds its final
 evaluation is skipped, so a sweep can be started again after an interruption (unfinished runs
-resume from their checkpoints).
+resume from their checkpoints). A run refused for bad input (exit status 2: e.g. a dataset that
+is not prepared) stops the sweep, since the runs after it would be refused the same way; other
+failures are counted and the sweep goes on.
+
+The SLURM script runs each command from the directory the sweep was written in, with the Python
+that wrote it (a virtual environment on a shared filesystem), so it can be submitted from anywhere.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import reprlib
 import runpy
@@ -146,7 +152,8 @@ def finished(workdir: pathlib.Path) -> bool:
 
 
 def slurm_script(jobs: list[tuple[pathlib.Path, list[str]]], log_dir: pathlib.Path) -> str:
-    """A SLURM array script: task i runs job i (one node, all its GPUs, one process per node)."""
+    """A SLURM array script: task i runs job i (one node, one GPU, one process), from this
+    directory (the commands' config and workdir paths are relative to it) with this Python."""
     lines = [
         "#!/bin/bash",
         "#SBATCH --job-name=resnet_jax_sweep",
@@ -154,11 +161,12 @@ def slurm_script(jobs: list[tuple[pathlib.Path, list[str]]], log_dir: pathlib.Pa
         "#SBATCH --nodes=1",
         "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=1",
-        f"#SBATCH --output={log_dir}/%A_%a.out",
+        f"#SBATCH --output={log_dir.absolute()}/%A_%a.out",
         "set -euo pipefail",
+        f"cd {shlex.quote(os.getcwd())}",
         "CMDS=(",
     ]
-    lines += ["  " + shlex.quote(shlex.join(["python", *cmd[1:]])) for _, cmd in jobs]
+    lines += ["  " + shlex.quote(shlex.join(cmd)) for _, cmd in jobs]
     lines += [")", 'eval "${CMDS[$SLURM_ARRAY_TASK_ID]}"', ""]
     return "\n".join(lines)
 
@@ -187,17 +195,14 @@ def main(argv=None) -> int:
         if out is not None:  # every output path is checked before anything is created
             if out.exists():
                 raise UserError(f"{out} exists; choose another --slurm path")
-            if not out.parent.is_dir():
-                cli.check_output_dir(out.parent, f"--slurm {out}: directory")
-                raise UserError(
-                    f"--slurm {out}: directory {out.parent} does not exist; create it or choose another path"
-                )
+            cli.check_output_dir(out.parent, f"--slurm {out}: directory")
         check_overrides(runs, extra)
         jobs = expand(runs, args.seeds, str(root), extra)
         if out is not None:
             log_dir = root / "slurm_logs"
             try:
                 log_dir.mkdir(parents=True, exist_ok=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(slurm_script(jobs, log_dir))
             except OSError as e:
                 raise UserError(f"cannot write --slurm {out} or {log_dir}: {describe(e)}") from None
@@ -215,6 +220,11 @@ def main(argv=None) -> int:
             if args.dry_run:
                 continue
             rc = subprocess.call(cmd)
+            if rc == cli.EXIT_USAGE:
+                raise UserError(
+                    f"{tag} was refused (its error is above); the runs after it would be too: fix it and start "
+                    "the sweep again (finished runs are skipped)"
+                )
             if rc:
                 failed += 1
                 print(f"{tag}: failed with exit status {rc}", flush=True)

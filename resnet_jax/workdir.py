@@ -46,11 +46,23 @@ def git_commit() -> str | None:
         return None
 
 
+def check_filesystem_path(path: str | os.PathLike) -> None:
+    """Refuses a URL (``gs://``, ``s3://``): the workdir is locked with ``fcntl`` and written with
+    atomic renames, which object stores do not have; ``pathlib`` would also silently turn
+    ``gs://b/x`` into a local folder ``gs:/b/x``."""
+    if "://" in str(path):
+        raise UserError(
+            f"--workdir={path}: a workdir must be a filesystem path (local disk, NFS, or a bucket mounted "
+            "with gcsfuse), not a URL; dataset.data_dir may be a gs:// URL"
+        )
+
+
 class Workdir:
     """Prepares ``path`` for a run (process 0 only): checks it can be written, takes the lock,
     checks that existing checkpoints belong to this config, and records config and run info."""
 
     def __init__(self, path: str | os.PathLike):
+        check_filesystem_path(path)
         self.path = pathlib.Path(path).absolute()
         self._lock = None
 
@@ -150,6 +162,7 @@ def require_workdir(path: str | pathlib.Path) -> pathlib.Path:
     Raises:
       UserError: it does not exist, or is not a training run's directory.
     """
+    check_filesystem_path(path)
     p = pathlib.Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"workdir {p} is not a directory; give the --workdir (folder) of a training run")

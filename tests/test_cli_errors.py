@@ -118,12 +118,12 @@ def _train_cases(tmp: pathlib.Path) -> dict[str, tuple]:
             ),
             1,
             ["imagenet2012", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", f"manual_dir {empty}"],
-            8,
+            1,  # TFDS's "Variant folder ... has no dataset_info.json" warning is dropped
         ),
         "cifar10_missing": (
             ["-c", NO_RETRY_TRAIN, *BASE, "--config.dataset.name=cifar10", f"--config.dataset.data_dir={empty}"],
             1,
-            ["cifar10", f"data_dir {empty}", "tfds build cifar10"],
+            ["cifar10", f"data_dir {empty}", "python -m resnet_jax.prepare cifar10"],
             40,  # TFDS prints its download progress bars before giving up
         ),
         "different_model": (
@@ -267,6 +267,8 @@ def test_fresh_sets_the_old_run_aside(results):
             "cifar10.py:resnet999: use resnet{20,32,44,56,110,1202}",
         ),
         (["--config=experiments/digits.py:foo", "--workdir=/nonexistent/wd"], "docstring lists its variants"),
+        # pathlib would make gs://b/run a local folder gs:/b/run (then TensorBoard's writer failed).
+        (["--workdir=gs://bucket/run"], "--workdir=gs://bucket/run: a workdir must be a filesystem path"),
         (
             ["--workdir=/nonexistent/wd", "--coordinator_address=localhost:1", "--num_processes=0", "--process_id=5"],
             "--num_processes=0 --process_id=5: use N >= 1 processes, numbered 0 to N-1",
@@ -473,7 +475,6 @@ def test_sweep_refuses_xla_flags_that_xla_would_drop_before_any_run(tmp_path, ca
 @pytest.mark.parametrize(
     "case, needles",
     [
-        ("slurm_dir_missing", ["--slurm", "nodir does not exist"]),
         ("slurm_under_a_file", ["--slurm", "a_file is a file, not a directory"]),
         ("root_is_a_file", ["--root", "a_file is a file, not a directory"]),
         ("root_under_a_file", ["--root", "is under", "a_file, a file"]),
@@ -486,7 +487,6 @@ def test_sweep_output_paths_are_checked_before_anything_is_created(tmp_path, cap
     (tmp_path / "good.py").write_text(GOOD_SWEEP)
     (tmp_path / "a_file").write_text("mine")
     argv = {
-        "slurm_dir_missing": ["--root", str(tmp_path / "r"), f"--slurm={tmp_path / 'nodir' / 'x.sbatch'}"],
         "slurm_under_a_file": ["--root", str(tmp_path / "r"), f"--slurm={tmp_path / 'a_file' / 'x.sbatch'}"],
         "root_is_a_file": ["--root", str(tmp_path / "a_file"), f"--slurm={tmp_path / 'x.sbatch'}"],
         "root_under_a_file": ["--root", str(tmp_path / "a_file" / "sub")],

@@ -396,7 +396,9 @@ def test_cifar_errors(tmp_path, monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
-    with pytest.raises(UserError, match=rf"cifar10 is not prepared in data_dir {tmp_path}.*tfds build cifar10"):
+    with pytest.raises(
+        UserError, match=rf"cifar10 is not prepared in data_dir {tmp_path}.*python -m resnet_jax\.prepare cifar10"
+    ):
         data.get_info(dataset_cfg(name="cifar10", data_dir=str(tmp_path)))
     with pytest.raises(UserError, match="image_size"):
         data.get_info(dataset_cfg(name="cifar10", image_size=64))
@@ -429,7 +431,10 @@ def test_cifar_fails_fast_when_its_server_cannot_be_reached(tmp_path, monkeypatc
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
     t = time.perf_counter()
-    with pytest.raises(UserError, match=r"could not be downloaded \(127\.0\.0\.1: .*refused; 127.*tfds build cifar10"):
+    with pytest.raises(
+        UserError,
+        match=r"could not be downloaded \(127\.0\.0\.1: .*refused; 127.*python -m resnet_jax\.prepare cifar10",
+    ):
         data.get_info(dataset_cfg(name="cifar10", data_dir=str(tmp_path)))
     assert time.perf_counter() - t < 10 and downloads == []
 
@@ -574,6 +579,44 @@ def test_imagenet_augment_options_are_checked():
         key = next(iter(option))
         with pytest.raises(UserError, match=f"config.dataset.{key}=.* is an ImageNet option; cifar10"):
             data.get_info(dataset_cfg(name="cifar10", **option))
+
+
+def test_prepare_command_builds_imagenet_once(tmp_path):
+    """``python -m resnet_jax.prepare`` builds imagenet2012 from the tars with TFDS's real builder
+    (the step a multi-process run asks for), says so again without rebuilding, and refuses bad
+    input with one line."""
+    from imagenet_tars import make_fake_imagenet_tars
+
+    manual, data_dir = tmp_path / "tars", tmp_path / "tfds"
+    make_fake_imagenet_tars(str(manual))
+
+    def prepare(*args):
+        argv = [sys.executable, "-m", "resnet_jax.prepare", *args]
+        return subprocess.run(argv, cwd=REPO_ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
+
+    p = prepare("imagenet2012", f"--manual_dir={manual}", f"--data_dir={data_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = "imagenet2012 is prepared: 6 training and 4 eval images, 1000 classes"
+    assert p.stdout.strip().splitlines()[-1] == summary  # after TFDS's own "Downloading and preparing"
+    records = sorted(str(f.relative_to(data_dir)) for f in data_dir.rglob("*.tfrecord*"))
+    assert records and all(r.startswith("imagenet2012/") for r in records)
+    mtimes = {f: f.stat().st_mtime_ns for f in data_dir.rglob("*.tfrecord*")}
+    (manual / "ILSVRC2012_img_train.tar").unlink()  # prepared: the tars are no longer read
+    again = prepare("imagenet2012", f"--data_dir={data_dir}")
+    assert again.returncode == 0 and again.stdout.strip() == summary, again.stderr[-3000:]
+    assert {f: f.stat().st_mtime_ns for f in data_dir.rglob("*.tfrecord*")} == mtimes
+
+    for args, needle in [
+        (
+            ["imagenet2012", f"--manual_dir={manual}", f"--data_dir={tmp_path / 'other'}"],
+            "lacks ILSVRC2012_img_train.tar",
+        ),
+        (["cifar10", f"--manual_dir={manual}"], "--manual_dir is for imagenet2012"),
+        (["mnist"], "invalid choice: 'mnist'"),
+    ]:
+        bad = prepare(*args)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr and needle in lines[-1], bad.stderr[-3000:]
 
 
 @pytest.mark.parametrize("process_count, global_batch_size", [(2, 2), (3, 3)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -123,12 +124,33 @@ def test_sweep_runs_and_skips_finished(tmp_path):
     assert not (root / "tiny" / "seed1").exists()
 
 
+def test_sweep_stops_at_a_run_refused_for_bad_input(tmp_path):
+    """A run the trainer refuses (exit 2; here a regular file where its checkpoints go) stops the
+    sweep with one line naming it: the next run is not started."""
+    path, root = write_sweep(tmp_path), tmp_path / "runs"
+    text = path.read_text().replace("return [dict(name='tiny'", "return [dict(name='first'", 1)
+    path.write_text(text.replace("})]", "}), dict(name='second', config='experiments/digits.py')]"))
+    (root / "first" / "seed0").mkdir(parents=True)
+    (root / "first" / "seed0" / "checkpoints").write_text("not a directory")
+    cmd = [sys.executable, "-m", "resnet_jax.sweep", str(path), "--root", str(root)]
+    p = subprocess.run(cmd, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: [1/2]") and "was refused" in last and "start the sweep again" in last, p.stderr
+    assert "is a file, not the run's checkpoint directory" in p.stderr
+    assert not (root / "second").exists() and "[2/2]" not in p.stdout
+
+
 def test_sweep_writes_slurm_array(tmp_path, capsys):
+    """The script's directory is created; its commands run from here with this Python (the
+    relative config and workdir paths resolve wherever it is submitted from)."""
     path = write_sweep(tmp_path)
-    out = tmp_path / "sweep.sbatch"
+    out = tmp_path / "new" / "sweep.sbatch"
     assert sweep.main([str(path), "--seeds", "3", "--root", str(tmp_path / "r"), "--slurm", str(out)]) == 0
     text = out.read_text()
     assert "#SBATCH --array=0-2" in text and text.count("resnet_jax.train") == 3 and "--config.seed=2" in text
+    assert f"cd {os.getcwd()}\n" in text and text.count(sys.executable) == 3
+    assert f"#SBATCH --output={(tmp_path / 'r' / 'slurm_logs').absolute()}/" in text
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # never overwrite: a usage error (2), the file as it was
         sweep.main([str(path), "--seeds", "1", "--root", str(tmp_path / "r"), "--slurm", str(out)])

@@ -7,7 +7,8 @@ Preparation: a dataset missing from ``data_dir`` is prepared on first use by a s
 CIFAR is downloaded (needs internet). Its servers are tried first with a 10 s connection: offline,
 TFDS's own retries would take about 3.5 minutes (backoff) to give up.
 ImageNet is built from ``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar`` in
-``manual_dir`` (hours for the real data: better run ``tfds build imagenet2012`` once beforehand).
+``manual_dir`` (hours for the real data: better run ``python -m resnet_jax.prepare imagenet2012``
+once beforehand).
 Multi-process runs must find the dataset prepared.
 
 Training pipeline, per host:
@@ -47,6 +48,7 @@ from absl import logging
 from resnet_jax import cli
 from resnet_jax.data import augment, base
 from resnet_jax.errors import UserError, describe
+from resnet_jax.prepare import command as prepare_command
 
 try:
     # JAX owns the accelerators; a TensorFlow that grabs GPU memory would starve it.
@@ -149,7 +151,7 @@ def _prepared_builder(dataset_cfg: Any):
         # Several hosts preparing into one (shared) data_dir would race; prepare it once beforehand.
         raise UserError(
             f"{name} is not prepared in data_dir {data_dir}: prepare it once before a multi-process run "
-            f"(`tfds build {name} --data_dir={data_dir}`, for imagenet2012 with --manual_dir)."
+            f"(`{prepare_command(name, data_dir)}`)."
         )
     if name == "imagenet2012":
         manual_dir = _manual_dir(dataset_cfg, builder)
@@ -177,7 +179,7 @@ def _prepared_builder(dataset_cfg: Any):
     def cannot_download(why: str) -> UserError:
         return UserError(
             f"{name} is not prepared in data_dir {data_dir} and could not be downloaded "
-            f"({why}): run `tfds build {name} --data_dir={data_dir}` on a machine with "
+            f"({why}): run `{prepare_command(name, data_dir)}` on a machine with "
             f"internet (or copy its ~/tensorflow_datasets/{name} there), then set config.dataset.data_dir."
         )
 
