@@ -9,7 +9,10 @@ Expected test error, % (paper 1, Table 6): ResNet-20 8.75, 32 7.51, 44 7.17, 56 
 training error (plain-110 above 60%).
 Recipe: batch 128, lr 0.1 /10 at 32k and 48k iterations, stop at 64k, wd 1e-4, momentum 0.9, pad-4
 crop + flip; the 110- and 1202-layer nets (plain-110 too) warm up at lr 0.01 for the first 400
-iterations; the paper's initialisation (no zero-init of the last BN).
+iterations; the paper's initialisation (no zero-init of the last BN). Differences: inputs are
+normalised per channel (mean and std), not per pixel (mean only), and the padding is black in
+pixel space (torchvision's RandomCrop) where the paper's zero padding after mean subtraction is
+the mean colour.
 Compute: 64k steps of batch 128; ResNet-110 0.253 GMACs per image forward, about 12 PFLOP in all
 (forward + backward = 3x forward, 2 FLOP per multiply-add); ResNet-1202 2.83 GMACs, about 11x that,
 and about 20 GB of activations at batch 128 (set --config.model.remat=true on small GPUs).
