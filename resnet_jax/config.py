@@ -6,6 +6,7 @@ given in epochs is a convenience for the person writing the config.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import ml_collections
@@ -152,6 +153,48 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# Keys that do not change what a run computes, or that every run has its own value of: the
+# results table groups runs over the others, and a sweep checks that a run directory it would
+# skip or resume holds a run of the same settings.
+NON_RESULT_KEYS = frozenset(
+    {
+        "seed",
+        "progress_bar",
+        "plot_curves",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "skip_nonfinite",
+        "shard_params",  # the same arithmetic, laid out differently
+        "dataset.data_dir",
+        "dataset.manual_dir",
+        "model.scan_blocks",  # the same network, compiled differently
+        "model.remat",
+    }
+)
+
+
+def flatten_config(cfg: dict, prefix: str = "") -> dict[str, str]:
+    """``{"model": {"name": x}}`` -> ``{"model.name": json(x)}`` (JSON text: lists compare and hash)."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+# The values the trainer's choices take (schedules.py, optim.py, resnet_jax.data), checked here
+# before JAX so that a sweep refuses a typo before its first run.
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet2012", "synthetic")
+CHOICES = {
+    "lr_schedule": ("step", "cosine"),
+    "warmup_kind": ("linear", "constant"),
+    "optimizer": ("sgd", "lars"),
+}
+
+
 def check_run_config(config) -> None:
     """The run-level keys that no later step refuses in time (model options: ``models.spec``;
     dataset keys: ``resnet_jax.data``). Plain Python, before JAX is imported: raises
@@ -175,6 +218,16 @@ def check_run_config(config) -> None:
     for key, ok, allowed in checks:
         if not ok:
             raise ValueError(f"config.{key}={getattr(config, key)!r}; use {allowed}")
+    for key, values in CHOICES.items():
+        if config[key] not in values:
+            raise ValueError(f"config.{key}={config[key]!r}; use one of {', '.join(map(repr, values))}")
+    if config.dataset.name not in DATASETS:
+        raise ValueError(f"config.dataset.name={config.dataset.name!r}; use one of {', '.join(DATASETS)}")
+    crops = config.dataset.get("eval_crops", 1)
+    if crops not in (1, 10) or (crops == 10 and config.dataset.name != "imagenet2012"):
+        raise ValueError(
+            f"config.dataset.eval_crops={crops!r}; use 1, or 10 (the paper's 10-crop testing) for imagenet2012"
+        )
     boundaries = config.lr_boundaries_steps
     if boundaries is not None and not all(
         (_is_int(b) or (isinstance(b, float) and b.is_integer())) and b >= 0 for b in boundaries

@@ -6,10 +6,13 @@
 A sweep file defines ``get_sweep()`` returning a list of ``{"name", "config", "overrides"}``
 (``overrides``: a dict of ``--config.key=value`` pairs, optional). Each (run, seed) trains in
 ``ROOT/<name>/seed<k>`` with ``--config.seed=k``. A run whose workdir already holds its final
-evaluation is skipped, so a sweep can be started again after an interruption (unfinished runs
-resume from their checkpoints). A run refused for bad input (exit status 2: e.g. a dataset that
-is not prepared) stops the sweep, since the runs after it would be refused the same way; other
-failures are counted and the sweep goes on.
+evaluation and its final checkpoint is skipped, so a sweep can be started again after an
+interruption (unfinished runs resume from their checkpoints). A run directory that holds a run of
+other settings (the sweep file or its flags changed since) is refused before any run starts, so
+that no result is silently reused or overwritten. A run refused for bad input (exit status 2:
+e.g. a dataset that is not prepared) stops the sweep; other failures are counted and the sweep
+goes on. Ctrl-C or SIGTERM stops the sweep after the running run has saved a checkpoint (it is
+passed on to the run as SIGTERM).
 
 The SLURM script runs each command from the directory the sweep was written in, with the Python
 that wrote it (a virtual environment on a shared filesystem), so it can be submitted from anywhere.
@@ -23,6 +26,7 @@ import pathlib
 import reprlib
 import runpy
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -54,6 +58,13 @@ def _check_run(path: str, i: int, r: Any) -> None:
     bad = [k for k in overrides if not isinstance(k, str) or not k]
     if bad:
         raise UserError(f"{path}: run {name!r} has override keys {bad}; keys are config paths such as 'model.name'")
+    for k, v in overrides.items():
+        if isinstance(v, Mapping):
+            raise UserError(
+                f"{path}: run {name!r} has a dict for override {k!r}; give dotted keys, e.g. {{'{k}.name': ...}}"
+            )
+        if v is None:
+            raise UserError(f"{path}: run {name!r} sets {k!r} to None; leave the key out to keep the config's value")
 
 
 def load_sweep(path: str) -> list[dict]:
@@ -89,13 +100,17 @@ def load_sweep(path: str) -> list[dict]:
     return runs
 
 
-def check_overrides(runs: list[dict], extra: list[str]) -> None:
+def check_overrides(runs: list[dict], extra: list[str]) -> dict[str, dict]:
     """Loads every run's config with its overrides (and ``extra``) and checks it as the trainer
     does (``cli.parse_config_flags``, ``cli.check_config``), without JAX: an unknown key, a value
-    of the wrong type or a bad model name stops the sweep at once instead of failing every run."""
+    of the wrong type or a bad model name stops the sweep at once instead of failing every run.
+
+    Returns:
+      ``{run name: its config as the trainer writes it to config.json}`` (seed 0)."""
     from absl import flags
     from ml_collections import config_flags
 
+    configs = {}
     for r in runs:
         argv = ["train", f"--config={r['config']}", "--config.seed=0", *_override_flags(r), *extra]
         fv = flags.FlagValues()
@@ -105,6 +120,33 @@ def check_overrides(runs: list[dict], extra: list[str]) -> None:
             cli.check_config(fv.config)
         except UserError as e:
             raise UserError(f"run {r['name']!r} (--config={r['config']}): {e}") from None
+        configs[r["name"]] = json.loads(json.dumps(fv.config.to_dict()))
+    return configs
+
+
+def check_same_settings(workdir: pathlib.Path, expected: dict) -> None:
+    """Refuses a run directory whose config.json differs from ``expected`` in a key that changes
+    what the run computes (``config.NON_RESULT_KEYS`` aside; the seed counts)."""
+    from resnet_jax.config import NON_RESULT_KEYS, flatten_config
+
+    path = workdir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        old = flatten_config(json.loads(path.read_text()))
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{path} is not readable JSON ({describe(e)}); fix the file or move it away") from None
+    new = flatten_config(expected)
+    keys = sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and (k == "seed" or k not in NON_RESULT_KEYS)
+    )
+    if keys:
+        changes = ", ".join(f"{k}: {old.get(k, 'unset')} -> {new.get(k, 'unset')}" for k in keys[:4])
+        more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+        raise UserError(
+            f"{workdir} holds a run of other settings ({changes}{more}): the sweep changed since it ran; "
+            "move that directory away or choose another --root (nothing was started)"
+        )
 
 
 def _override_flags(r: dict) -> list[str]:
@@ -148,7 +190,29 @@ def finished(workdir: pathlib.Path) -> bool:
         raise UserError(
             f"cannot read the metrics of {workdir} ({describe(e)}); fix or move away metrics.jsonl"
         ) from None
-    return any("eval/top1_acc" in r and r["step"] == total for r in rows)
+    # The final checkpoint too: an interrupted last save leaves only its temporary directory.
+    final_checkpoint = (workdir / "checkpoints" / str(total)).is_dir()
+    return final_checkpoint and any("eval/top1_acc" in r and r["step"] == total for r in rows)
+
+
+def run_job(cmd: list[str]) -> tuple[int, int | None]:
+    """Runs ``cmd``; a SIGINT or SIGTERM to the sweep meanwhile is passed on to it as SIGTERM (the
+    trainer saves a checkpoint and exits). Returns (its exit status, the signal received or None)."""
+    received: list[int] = []
+    proc = subprocess.Popen(cmd)
+
+    def handle(signum, frame):
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return rc, (received[0] if received else None)
 
 
 def slurm_script(jobs: list[tuple[pathlib.Path, list[str]]], log_dir: pathlib.Path) -> str:
@@ -161,6 +225,8 @@ def slurm_script(jobs: list[tuple[pathlib.Path, list[str]]], log_dir: pathlib.Pa
         "#SBATCH --nodes=1",
         "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=1",
+        "#SBATCH --signal=TERM@120  # preemption: SIGTERM two minutes before the end -> checkpoint",
+        "#SBATCH --requeue",
         f"#SBATCH --output={log_dir.absolute()}/%A_%a.out",
         "set -euo pipefail",
         f"cd {shlex.quote(os.getcwd())}",
@@ -196,8 +262,12 @@ def main(argv=None) -> int:
             if out.exists():
                 raise UserError(f"{out} exists; choose another --slurm path")
             cli.check_output_dir(out.parent, f"--slurm {out}: directory")
-        check_overrides(runs, extra)
+        if out is not None and any(c.isspace() for c in str(root.absolute())):
+            raise UserError(f"--root {root}: #SBATCH lines cannot quote a path with spaces; choose another --root")
+        configs = check_overrides(runs, extra)
         jobs = expand(runs, args.seeds, str(root), extra)
+        for (wd, _), (name, seed) in zip(jobs, ((r["name"], k) for r in runs for k in range(args.seeds)), strict=True):
+            check_same_settings(wd, {**configs[name], "seed": seed})
         if out is not None:
             log_dir = root / "slurm_logs"
             try:
@@ -216,15 +286,19 @@ def main(argv=None) -> int:
             if done[i]:
                 print(f"{tag}: finished, skipped", flush=True)
                 continue
-            print(f"{tag}: {shlex.join(cmd[1:])}", flush=True)
+            print(f"{tag}: {shlex.join(cmd)}", flush=True)
             if args.dry_run:
                 continue
-            rc = subprocess.call(cmd)
-            if rc == cli.EXIT_USAGE:
-                raise UserError(
-                    f"{tag} was refused (its error is above); the runs after it would be too: fix it and start "
-                    "the sweep again (finished runs are skipped)"
+            rc, signum = run_job(cmd)
+            if signum is not None:
+                print(
+                    f"stopped by {signal.Signals(signum).name} during {tag} (exit status {rc}); start the sweep "
+                    "again to resume it (finished runs are skipped)",
+                    file=sys.stderr,
                 )
+                return 128 + signum
+            if rc == cli.EXIT_USAGE:
+                raise UserError(f"{tag} was refused (its error is above): fix it and start the sweep again")
             if rc:
                 failed += 1
                 print(f"{tag}: failed with exit status {rc}", flush=True)

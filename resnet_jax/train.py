@@ -406,10 +406,11 @@ class Trainer:
 
 
 class _Preemption:
-    """SIGTERM -> save at the next step boundary and exit with status 0.
+    """SIGTERM (or a first Ctrl-C) -> save at the next step boundary and exit with status 0.
 
     One process: a SIGTERM handler sets a flag (installed when the run starts, so a SIGTERM during
-    start-up is honoured at the first step boundary too). Several processes: JAX's preemption
+    start-up is honoured at the first step boundary too). SIGINT does the same, so that Ctrl-C in
+    a terminal keeps the work done; a second Ctrl-C stops at once (KeyboardInterrupt). Several processes: JAX's preemption
     service (started by ``jax.distributed.initialize``) catches the SIGTERM of any process and all
     of them agree on the step to stop at through Orbax's ``reached_preemption``; a Python handler
     there would replace JAX's own and hide the notice, so none is installed.
@@ -417,15 +418,23 @@ class _Preemption:
 
     def __init__(self):
         self.requested = False
+        self._interrupts = 0
         self._multi = jax.process_count() > 1
         self._installed = False
         if not self._multi and threading.current_thread() is threading.main_thread():
             # (Signal handlers can only be set from the main thread; a library caller training in
             # another thread keeps its own SIGTERM handling.)
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
             self._installed = True
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            # Counted apart from SIGTERM: a sweep passes a Ctrl-C on as SIGTERM, which may arrive
+            # before the terminal's own SIGINT, and that is still the first Ctrl-C.
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: saving at the next step boundary, then stopping (Ctrl-C again to stop at once)")
         self.requested = True
 
     def reached(self, ckpt: Checkpointer, step: int) -> bool:
@@ -435,7 +444,8 @@ class _Preemption:
 
     def restore(self):
         if self._installed:
-            signal.signal(signal.SIGTERM, self._old)
+            for s, handler in self._old.items():
+                signal.signal(s, handler)
             self._installed = False
 
 

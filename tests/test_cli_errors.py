@@ -267,6 +267,12 @@ def test_fresh_sets_the_old_run_aside(results):
             "cifar10.py:resnet999: use resnet{20,32,44,56,110,1202}",
         ),
         (["--config=experiments/digits.py:foo", "--workdir=/nonexistent/wd"], "docstring lists its variants"),
+        # Choices the trainer would refuse only after JAX started (a sweep, after its earlier runs).
+        (["--config.lr_schedule=cosin", "--workdir=/nonexistent/wd"], "config.lr_schedule='cosin'; use one of 'step'"),
+        (["--config.optimizer=adam", "--workdir=/nonexistent/wd"], "config.optimizer='adam'; use one of 'sgd', 'lars'"),
+        (["--config.warmup_kind=lin", "--workdir=/nonexistent/wd"], "config.warmup_kind='lin'"),
+        (["--config.dataset.name=digitz", "--workdir=/nonexistent/wd"], "config.dataset.name='digitz'; use one of"),
+        (["--config.dataset.eval_crops=3", "--workdir=/nonexistent/wd"], "config.dataset.eval_crops=3; use 1, or 10"),
         # pathlib would make gs://b/run a local folder gs:/b/run (then TensorBoard's writer failed).
         (["--workdir=gs://bucket/run"], "--workdir=gs://bucket/run: a workdir must be a filesystem path"),
         (

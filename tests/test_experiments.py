@@ -6,8 +6,10 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from absl import flags
@@ -141,6 +143,67 @@ def test_sweep_stops_at_a_run_refused_for_bad_input(tmp_path):
     assert not (root / "second").exists() and "[2/2]" not in p.stdout
 
 
+def test_ctrl_c_stops_a_sweep_after_its_run_saved(tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the sweep's whole process group) while a run trains: the
+    run saves a checkpoint and exits, the sweep stops with one line and status 130, no traceback,
+    no process left (resuming from such a checkpoint: test_reliability)."""
+    path, root = write_sweep(tmp_path), tmp_path / "runs"
+    path.write_text(path.read_text().replace("'num_steps': 2", "'num_steps': 100000"))
+    cmd = [sys.executable, "-m", "resnet_jax.sweep", str(path), "--root", str(root)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    metrics = root / "tiny" / "seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.5)  # training has started: the first logged steps are in
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGINT during [1/1]") and "start the sweep again" in last, err[-3000:]
+    saved = [int(d.name) for d in (root / "tiny" / "seed0" / "checkpoints").iterdir() if d.name.isdigit()]
+    assert saved and "saving at the next step boundary" in err
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # the whole group (the run too) has exited
+
+
+def test_sweep_refuses_a_run_directory_of_other_settings(tmp_path, capsys):
+    """Edited after it ran, a sweep does not skip (or resume) its old runs as if they were the new
+    ones: a directory whose config.json differs in a key that changes the result is refused,
+    before any run starts and without touching it."""
+    path, root = write_sweep(tmp_path), tmp_path / "runs"
+    wd = root / "tiny" / "seed0"
+    wd.mkdir(parents=True)
+    configs = sweep.check_overrides(sweep.load_sweep(str(path)), [])
+    old = {**configs["tiny"], "seed": 0, "num_steps": 50, "progress_bar": True}
+    (wd / "config.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit) as e:
+        sweep.main([str(path), "--root", str(root), "--dry_run"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err
+    assert "holds a run of other settings (num_steps: 50 -> 2)" in err and "progress_bar" not in err
+    assert sorted(os.listdir(wd)) == ["config.json"]
+    (wd / "config.json").write_text(json.dumps({**old, "num_steps": 2}))  # only a logging key differs
+    assert sweep.main([str(path), "--root", str(root), "--dry_run"]) == 0
+
+
+@pytest.mark.parametrize(
+    "value, needle",
+    [("{'shortcut': 'B'}", "has a dict for override 'model'"), ("None", "sets 'model' to None; leave the key out")],
+)
+def test_sweep_refuses_dict_and_none_overrides(tmp_path, capsys, value, needle):
+    path = tmp_path / "s.py"
+    path.write_text(
+        f"def get_sweep():\n    return [dict(name='a', config='experiments/digits.py', overrides={{'model': {value}}})]\n"
+    )
+    with pytest.raises(SystemExit) as e:
+        sweep.main([str(path), "--root", str(tmp_path / "r"), "--dry_run"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and needle in err and "\n" not in err
+
+
 def test_sweep_writes_slurm_array(tmp_path, capsys):
     """The script's directory is created; its commands run from here with this Python (the
     relative config and workdir paths resolve wherever it is submitted from)."""
@@ -150,6 +213,7 @@ def test_sweep_writes_slurm_array(tmp_path, capsys):
     text = out.read_text()
     assert "#SBATCH --array=0-2" in text and text.count("resnet_jax.train") == 3 and "--config.seed=2" in text
     assert f"cd {os.getcwd()}\n" in text and text.count(sys.executable) == 3
+    assert "#SBATCH --signal=TERM@120" in text and "#SBATCH --requeue\n" in text  # preemption: save, requeue
     assert f"#SBATCH --output={(tmp_path / 'r' / 'slurm_logs').absolute()}/" in text
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # never overwrite: a usage error (2), the file as it was

@@ -7,7 +7,7 @@ the 10-crop result: the papers' ImageNet protocol. The "test views" column says 
 Runs are grouped by their configuration minus the seed: the group key is the test views, the
 dataset, the model name, the shortcut kind (the family's default when not set), and every other
 config key whose value differs between the runs given, except keys that cannot change the result
-(seed, logging, checkpointing, data location, scan/remat: see ``IGNORED_KEYS``). Those differing
+(seed, logging, checkpointing, data location, scan/remat: see ``config.NON_RESULT_KEYS``). Those differing
 keys are shown in a "setting" column. Each group shows the mean and the sample standard deviation
 (ddof=1, as papers report "mean +- std" over a few runs) of its runs' errors, the number of seeds,
 and the final iteration. Runs without an eval row are skipped with a warning.
@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 
 from resnet_jax import cli
 from resnet_jax.analysis import common
+from resnet_jax.config import NON_RESULT_KEYS, flatten_config
 from resnet_jax.errors import UserError, describe
 from resnet_jax.logbook import METRICS_FILE, read_metrics
 from resnet_jax.workdir import CONFIG_FILE, result_path
@@ -97,22 +98,6 @@ PAPER: dict[tuple[str, str, str], PaperNumber] = {
     ("imagenet2012", "resnet200", "B"): PaperNumber(21.8, "320 crop"),
 }
 
-# Keys that do not change what a run computes, or that every run has its own value of.
-IGNORED_KEYS = frozenset(
-    {
-        "seed",
-        "progress_bar",
-        "log_every_steps",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-        "skip_nonfinite",
-        "shard_params",  # the same arithmetic, laid out differently
-        "dataset.data_dir",
-        "dataset.manual_dir",
-        "model.scan_blocks",  # the same network, compiled differently
-        "model.remat",
-    }
-)
 # Shown in their own columns.
 _OWN_COLUMNS = frozenset({"model.name", "model.shortcut", "dataset.name"})
 _DATASET_ORDER = {"digits": 0, "cifar10": 1, "cifar100": 2, "imagenet2012": 3, "synthetic": 4}
@@ -167,17 +152,6 @@ class Row:
     def steps_text(self) -> str:
         lo, hi = min(self.steps), max(self.steps)
         return f"{lo}" if lo == hi else f"{lo}-{hi}"
-
-
-def _flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
-    """``{"model": {"name": x}}`` -> ``{"model.name": json(x)}`` (JSON text: lists compare and hash)."""
-    out = {}
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
-    return out
 
 
 def final_test_error(workdir: str | pathlib.Path, eval_crops: int = 1) -> tuple[int, float, int] | None:
@@ -247,12 +221,12 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
         if final is None:
             log.warning("skipping %s: no eval row in its %s", wd, METRICS_FILE)
             continue
-        runs.append((str(wd), cfg, _flatten(cfg), final))
+        runs.append((str(wd), cfg, flatten_config(cfg), final))
     keys = sorted({k for _, _, flat, _ in runs for k in flat})
     varying = [
         k
         for k in keys
-        if k not in IGNORED_KEYS
+        if k not in NON_RESULT_KEYS
         and k not in _OWN_COLUMNS
         and len({flat.get(k, "<unset>") for _, _, flat, _ in runs}) > 1
     ]

@@ -17,10 +17,11 @@ import math
 import weakref
 from typing import Any
 
+from resnet_jax.config import DATASETS
 from resnet_jax.errors import UserError
 
 #: Every value ``config.dataset.name`` accepts.
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagenet2012", "synthetic")
+DATASET_NAMES = DATASETS
 
 
 @dataclasses.dataclass(frozen=True)
