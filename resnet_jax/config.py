@@ -6,6 +6,7 @@ given in epochs is a convenience for the person writing the config.
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any
 
@@ -199,6 +200,18 @@ def check_run_config(config) -> None:
     """The run-level keys that no later step refuses in time (model options: ``models.spec``;
     dataset keys: ``resnet_jax.data``). Plain Python, before JAX is imported: raises
     ``ValueError`` with one line naming the key and what is allowed."""
+    # The command line refuses unknown keys (its config is locked); a config built in Python is
+    # not, and a typo there (num_step=20) would silently leave the default in force.
+    known = set(flatten_config(get_base_config().to_dict()))
+    given = flatten_config(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    unknown = sorted(set(given) - known)
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean config.{close[0]}? " if close else ""
+        if key == "model.dtype":
+            hint = "the compute dtype is config.half_precision (bf16); "
+        raise ValueError(f"config.{key} is not a config key; {hint}the keys and defaults are in resnet_jax/config.py")
     checks = [
         ("batch_size", config.batch_size >= 1, "a positive number of images (the global batch)"),
         ("seed", config.seed >= 0, "a non-negative integer"),

@@ -509,6 +509,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
                 resumed_from=step,
                 steps_per_epoch=durations.steps_per_epoch,
                 total_steps=durations.total_steps,
+                # What a model restored from this run needs (analysis.common.load_model), without the data.
+                dataset_info=dataclasses.asdict(info),
             )
         logbook = Logbook(workdir, start_step=step, enabled=lead)
         if lead and config.progress_bar:
@@ -631,13 +633,14 @@ def _train_loop(config, trainer, durations, state, step, ckpt, logbook, preempt,
 
 
 def evaluate_checkpoint(
-    workdir: str, checkpoint: str = "latest", dataset_overrides: dict | None = None
+    workdir: str, checkpoint: str | int = "latest", dataset_overrides: dict | None = None
 ) -> tuple[int, dict[str, float]]:
     """Evaluates a run's checkpoint ('latest', 'best' or a step number) on its eval split."""
     import ml_collections
 
     from resnet_jax.workdir import load_config_dict
 
+    checkpoint = str(checkpoint)  # a step may be given as an int
     config = ml_collections.ConfigDict(load_config_dict(workdir))
     if dataset_overrides:
         config.dataset.update(dataset_overrides)

@@ -311,6 +311,42 @@ def digits_run(tmp_path_factory):
     return wd
 
 
+def test_load_model_restores_the_run_without_its_dataset(digits_run, monkeypatch):
+    """load_model gives the network of a checkpoint for inference: its predictions on the eval
+    split reproduce the run's logged eval accuracy. The dataset facts come from run_info.json (so
+    a run can be moved to a machine without its data); 'best' and int steps work; a step that is
+    not kept is named as such, not as damage."""
+    import jax.numpy as jnp
+
+    from resnet_jax import data
+    from resnet_jax.analysis.common import load_config, load_model
+    from resnet_jax.errors import UserError
+    from resnet_jax.logbook import read_metrics
+    from resnet_jax.train import evaluate_checkpoint
+
+    config = load_config(digits_run)
+    batches = list(data.eval_batches(config.dataset, global_batch_size=64))
+    info = data.get_info(config.dataset)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was looked up")
+
+    monkeypatch.setattr(data, "get_info", no_data)
+    model, step = load_model(digits_run)
+    assert step == 3 and load_model(digits_run, "best")[1] == 3 and load_model(digits_run, 3)[1] == 3
+    correct = total = 0
+    for b in batches:
+        logits = model(data.model_input(jnp.asarray(b["image"]), info.pixels))
+        hits = (np.asarray(logits).argmax(-1) == b["label"]) * b["mask"]
+        correct, total = correct + hits.sum(), total + b["mask"].sum()
+    (last,) = [r for r in read_metrics(digits_run) if "eval/top1_acc" in r and r["step"] == 3]
+    assert correct / total == pytest.approx(last["eval/top1_acc"], abs=1e-6)
+    with pytest.raises(UserError, match=r"no checkpoint at step 7; kept steps: \[3\]"):
+        load_model(digits_run, 7)
+    monkeypatch.undo()
+    assert evaluate_checkpoint(str(digits_run), 3)[0] == 3  # an int step (was: AttributeError)
+
+
 def test_layer_responses_cli_on_checkpoint(digits_run, tmp_path):
     out, js = tmp_path / "fig7.png", tmp_path / "fig7.json"
     p = run_module(

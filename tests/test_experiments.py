@@ -90,6 +90,23 @@ def test_recipes_match_the_papers():
     assert load("preact_shortcuts.py:exclusive_gating").model.gate_bias_init == -6.0
 
 
+def test_a_python_built_config_with_an_unknown_key_is_refused(tmp_path):
+    """The command line's config is locked; one built in Python is not, so train_and_evaluate
+    checks its keys: a typo is named (with the key meant) before anything is written."""
+    from resnet_jax.config import get_base_config
+    from resnet_jax.train import train_and_evaluate
+
+    c = get_base_config()
+    c.num_step = 20
+    with pytest.raises(UserError, match=r"config.num_step is not a config key; did you mean config.num_steps\?"):
+        train_and_evaluate(c, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+    c = get_base_config()
+    c.model.dtype = "bfloat16"
+    with pytest.raises(ValueError, match="the compute dtype is config.half_precision"):
+        check_run_config(c)
+
+
 def test_bad_config_argument():
     """The config's own ValueError (not just the repeated path) reaches the flag's error."""
     msg = "experiments/cifar10.py:resnet21: use resnet{20,32,44,56,110,1202} or plain{20,32,44,56,110}"

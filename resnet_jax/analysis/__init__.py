@@ -7,5 +7,8 @@ Each module is a library and a command-line tool (``python -m resnet_jax.analysi
 * ``curves``: training and test error against iterations, plain vs residual (paper 1, Fig. 6).
 * ``results_table``: final test error, mean +- std over seeds, beside the papers' numbers.
 
+``load_model(workdir, checkpoint)`` (from ``common``) restores a trained run's network for
+inference or fine-tuning, without its dataset.
+
 Importing this package imports nothing heavy; ``curves`` never imports JAX.
 """

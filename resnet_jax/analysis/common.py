@@ -18,7 +18,7 @@ from typing import Any
 
 from resnet_jax.cli import EXIT_USAGE, check_output_dir
 from resnet_jax.errors import UserError, first_line
-from resnet_jax.workdir import CONFIG_FILE, load_config_dict, require_workdir
+from resnet_jax.workdir import CONFIG_FILE, RUN_INFO_FILE, load_config_dict, require_workdir
 
 # Paper-like figures: small, light grid, no top/right spines, readable at column width.
 PLOT_STYLE = {
@@ -301,11 +301,41 @@ def init_model(name: str, num_classes: int, *, seed: int = 0, **options):
     return nnx.merge(graphdef, state)
 
 
+def _run_info(workdir: pathlib.Path) -> dict:
+    """The run's ``run_info.json`` ({} when it is missing or unreadable: the facts are re-derived)."""
+    try:
+        info = json.loads((workdir / RUN_INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def load_model(workdir: str | pathlib.Path, checkpoint: str | int = "latest"):
+    """A trained run's network, for inference or fine-tuning: ``(model, step)``.
+
+    The model is a Flax NNX ``ResNet`` in eval mode (BatchNorm uses its running statistics; call
+    ``model.train()`` to fine-tune), built from the run's ``config.json``. The dataset is not
+    needed: the run recorded what the model needs of it in ``run_info.json`` (runs from before
+    that record read it from the dataset, which must then be prepared). Inputs are the dataset's
+    images as the pipelines yield them; ``resnet_jax.data.model_input`` normalises uint8 ones.
+
+    Args:
+      workdir: the training run's directory.
+      checkpoint: 'latest', 'best' (by eval top-1) or a kept step.
+
+    Raises:
+      UserError: not a run, no such checkpoint, or a damaged one.
+    """
+    loader = RunLoader(workdir)
+    step = loader.resolve_step(checkpoint)
+    return loader.model(step), step
+
+
 class RunLoader:
     """Restores a run's checkpoints as models (a Flax NNX ``ResNet`` in eval mode).
 
     Builds the run's ``Trainer`` once (for the abstract state and the model graph), as
-    ``resnet_jax.train.evaluate_checkpoint`` does.
+    ``resnet_jax.train.evaluate_checkpoint`` does, from the dataset facts the run recorded.
 
     Args:
       workdir: the training run's directory.
@@ -319,7 +349,8 @@ class RunLoader:
 
         self.workdir = require_workdir(workdir)
         self.config = load_config(self.workdir)
-        self.info = data.get_info(self.config.dataset)
+        recorded = _run_info(self.workdir).get("dataset_info")
+        self.info = data.DatasetInfo.from_dict(recorded) if recorded else data.get_info(self.config.dataset)
         self.trainer = Trainer(self.config, self.info, Durations.from_config(self.config, self.info.num_train))
         if not (self.workdir / "checkpoints").is_dir():
             self.steps: list[int] = []
@@ -329,7 +360,8 @@ class RunLoader:
             ckpt.close()
 
     def resolve_step(self, step: str | int | None) -> int:
-        """``None``/'latest' -> the newest checkpoint's step; a number must be a kept checkpoint.
+        """``None``/'latest' -> the newest checkpoint's step; 'best' -> the best by eval top-1; a
+        number must be a kept checkpoint.
 
         Raises:
           UserError: no checkpoint, or the step is not kept.
@@ -338,6 +370,17 @@ class RunLoader:
             raise UserError(f"no complete checkpoint in {self.workdir / 'checkpoints'}; train first")
         if step is None or step == "latest":
             return self.steps[-1]
+        if step == "best":
+            from resnet_jax.checkpointing import Checkpointer
+
+            ckpt = Checkpointer(self.workdir, read_only=True)
+            try:
+                best = ckpt.best_step()
+            finally:
+                ckpt.close()
+            if best is None:
+                raise UserError(f"{self.workdir}: no evaluated checkpoint; use 'latest' or a step")
+            return best
         if str(step).isdigit() and int(step) in self.steps:
             return int(step)
         shown = step if str(step).isdigit() else repr(step)
@@ -351,6 +394,7 @@ class RunLoader:
         """
         from resnet_jax.checkpointing import Checkpointer, restore_problem
 
+        step = self.resolve_step(step)  # a step that is not kept is not "damaged"
         ckpt = Checkpointer(self.workdir, read_only=True)
         try:
             state = ckpt.restore(step, self.trainer.abstract_state)

@@ -47,6 +47,12 @@ class DatasetInfo:
     pixel_mean: tuple[float, ...] | None = None
     pixel_std: tuple[float, ...] | None = None
 
+    @classmethod
+    def from_dict(cls, d: dict) -> DatasetInfo:
+        """The inverse of ``dataclasses.asdict`` through JSON (lists back to tuples)."""
+        tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**{f.name: tupled[f.name] for f in dataclasses.fields(cls) if f.name in tupled})
+
     @property
     def pixels(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """``(pixel_mean, pixel_std)``, the argument of ``model_input``; None for float datasets."""
