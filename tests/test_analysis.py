@@ -206,6 +206,31 @@ def test_results_table_groups_seeds(fake_runs, tmp_path, capsys):
     assert "exists" in one_line_error(capsys)
 
 
+def test_repeated_labels_take_as_much_of_the_path_as_tells_them_apart():
+    from resnet_jax.analysis.common import unique_labels
+
+    runs = ["sweep/r8_B/seed0", "sweep/r8_C/seed0", "sweep/r8_B/seed1", "other/plain8"]
+    labels = ["ResNet-8", "ResNet-8", "ResNet-8", "plain-8"]
+    assert unique_labels(labels, runs) == [
+        "ResNet-8 [r8_B/seed0]",
+        "ResNet-8 [r8_C/seed0]",
+        "ResNet-8 [r8_B/seed1]",
+        "plain-8",
+    ]
+    assert unique_labels(["a", "a"], ["x/s0", "x/s1"]) == ["a [s0]", "a [s1]"]
+
+
+def test_results_table_warns_of_an_unfinished_run(tmp_path, caplog):
+    done, cut = fake_run(tmp_path / "s0"), fake_run(tmp_path / "s1", seed=1)
+    (done / "run_info.json").write_text(json.dumps({"total_steps": 400}))
+    (cut / "run_info.json").write_text(json.dumps({"total_steps": 800}))
+    with caplog.at_level("WARNING", logger="resnet_jax"):
+        (row,) = results_table.collect([done, cut])
+    assert row.n == 2
+    warned = [r.getMessage() for r in caplog.records if "unfinished" in r.getMessage()]
+    assert warned == [f"{cut} is unfinished: its last eval is at step 400 of 800 (shown in 'iterations')"]
+
+
 def test_paper_names_and_numbers_of_paper_2s_bottleneck_nets(tmp_path):
     from resnet_jax.analysis.common import pretty_model_name
 

@@ -155,12 +155,21 @@ def run_label(config: dict) -> str:
 
 
 def unique_labels(labels: Sequence[str], workdirs: Sequence[str | pathlib.Path]) -> list[str]:
-    """Makes repeated labels (several seeds of one model) unique by adding the run's folder name."""
-    out = []
-    for label, wd in zip(labels, workdirs):
-        if labels.count(label) > 1:
-            label = f"{label} [{pathlib.Path(wd).name}]"
-        out.append(label)
+    """Makes repeated labels (several seeds of one model) unique by adding the end of each run's
+    path: its folder name, or as many folders as it takes (a sweep's runs are all ``seed<k>``:
+    ``r8_B/seed0`` against ``r8_C/seed0``)."""
+    parts = [pathlib.Path(wd).absolute().parts for wd in workdirs]
+    out = list(labels)
+    for label in set(labels):
+        group = [i for i, lb in enumerate(labels) if lb == label]
+        if len(group) < 2:
+            continue
+        for depth in range(1, max(len(parts[i]) for i in group) + 1):
+            tails = ["/".join(parts[i][-depth:]) for i in group]
+            if len(set(tails)) == len(tails):
+                break
+        for i, tail in zip(group, tails, strict=True):
+            out[i] = f"{label} [{tail}]"
     return out
 
 
@@ -301,7 +310,7 @@ def init_model(name: str, num_classes: int, *, seed: int = 0, **options):
     return nnx.merge(graphdef, state)
 
 
-def _run_info(workdir: pathlib.Path) -> dict:
+def run_info(workdir: pathlib.Path) -> dict:
     """The run's ``run_info.json`` ({} when it is missing or unreadable: the facts are re-derived)."""
     try:
         info = json.loads((workdir / RUN_INFO_FILE).read_text())
@@ -349,7 +358,7 @@ class RunLoader:
 
         self.workdir = require_workdir(workdir)
         self.config = load_config(self.workdir)
-        recorded = _run_info(self.workdir).get("dataset_info")
+        recorded = run_info(self.workdir).get("dataset_info")
         self.info = data.DatasetInfo.from_dict(recorded) if recorded else data.get_info(self.config.dataset)
         self.trainer = Trainer(self.config, self.info, Durations.from_config(self.config, self.info.num_train))
         if not (self.workdir / "checkpoints").is_dir():

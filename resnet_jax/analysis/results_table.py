@@ -221,6 +221,11 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
         if final is None:
             log.warning("skipping %s: no eval row in its %s", wd, METRICS_FILE)
             continue
+        total = common.run_info(pathlib.Path(wd)).get("total_steps")
+        if isinstance(total, int) and final[0] < total:
+            log.warning(
+                "%s is unfinished: its last eval is at step %d of %d (shown in 'iterations')", wd, final[0], total
+            )
         runs.append((str(wd), cfg, flatten_config(cfg), final))
     keys = sorted({k for _, _, flat, _ in runs for k in flat})
     varying = [
