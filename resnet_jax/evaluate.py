@@ -16,11 +16,9 @@ import json
 from absl import flags
 
 from resnet_jax import cli
+from resnet_jax.config import EVAL_CROPS
 from resnet_jax.errors import UserError
 from resnet_jax.workdir import load_config_dict, require_workdir, result_path
-
-# What the data pipelines accept (resnet_jax.data.base.eval_crops): 10 is for imagenet2012 only.
-EVAL_CROPS = (1, 10)
 
 flags.DEFINE_string("workdir", None, "the training run's --workdir")
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval top-1) or a step number")

@@ -17,7 +17,7 @@ import math
 import weakref
 from typing import Any
 
-from resnet_jax.config import DATASETS
+from resnet_jax.config import DATASETS, eval_crops_supported
 from resnet_jax.errors import UserError
 
 #: Every value ``config.dataset.name`` accepts.
@@ -102,15 +102,14 @@ def dataset_name(dataset_cfg: Any) -> str:
     return name
 
 
-def eval_crops(dataset_cfg: Any, supports_ten: bool = False) -> int:
+def eval_crops(dataset_cfg: Any) -> int:
     """Validated ``config.dataset.eval_crops`` (1, or 10 where the dataset supports it)."""
     crops = int(cfg_get(dataset_cfg, "eval_crops", 1))
-    if crops == 1 or (crops == 10 and supports_ten):
+    name = dataset_name(dataset_cfg)
+    if eval_crops_supported(crops, name):
         return crops
-    allowed = "1 or 10" if supports_ten else "1 (10-crop testing is for imagenet2012 only)"
-    raise UserError(
-        f"config.dataset.eval_crops={crops} is not supported for {dataset_name(dataset_cfg)}: use {allowed}."
-    )
+    allowed = "1 or 10" if eval_crops_supported(10, name) else "1 (10-crop testing is for imagenet2012 only)"
+    raise UserError(f"config.dataset.eval_crops={crops} is not supported for {name}: use {allowed}.")
 
 
 def check_no_validation_split(dataset_cfg: Any) -> None:

@@ -282,7 +282,7 @@ def _layout(dataset_cfg: Any) -> tuple[Any, _Slice, _Slice, int, int]:
     name = base.dataset_name(dataset_cfg)
     spec = _spec(name)
     base.check_num_classes(dataset_cfg, spec.num_classes)
-    crops = base.eval_crops(dataset_cfg, supports_ten=name == "imagenet2012")
+    crops = base.eval_crops(dataset_cfg)
     size = int(base.cfg_get(dataset_cfg, "image_size", spec.default_image_size))
     validation_split = bool(base.cfg_get(dataset_cfg, "validation_split", False))
     if name.startswith("cifar"):
