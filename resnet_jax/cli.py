@@ -137,8 +137,14 @@ class _DropMessages(logging.Filter):
 
 
 def setup_logging() -> None:
-    # TensorFlow (TFDS datasets) logs C++ INFO lines such as "oneDNN custom operations are on".
+    # TensorFlow (TFDS datasets) logs C++ INFO lines such as "This TensorFlow binary is optimized
+    # to use available CPU instructions". On CPUs where it turns its oneDNN custom operations on
+    # (AVX-512 with VNNI/BF16), it says so twice on import, whatever TF_CPP_MIN_LOG_LEVEL says
+    # (tensorflow-cpu 2.21), before any error of ours. The input pipelines use none of those
+    # operations (oneDNN speeds up matmuls and convolutions; decoding, resizing and cropping are
+    # TensorFlow's own kernels), so they are off in the command-line tools.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Under absl.app the root logger already has absl's handler (basicConfig is then a no-op) at
     # WARNING: this package's INFO lines (e.g. "resumed from ...") are wanted.
