@@ -528,8 +528,10 @@ def test_block_outputs(name, size, expansion):
     plain = "plain" in name
     preact = "preact" in name
     for k, (p, shape) in enumerate(zip(parts, shapes)):
-        assert set(p) == {"residual", "shortcut"}
-        assert p["residual"].shape == shape, k
+        assert set(p) == {"residual", "shortcut", "output"}
+        assert p["residual"].shape == shape and p["output"].shape == shape, k
+        if not plain and k + 1 < len(parts) and shapes[k + 1] == shape:  # the next block's identity input
+            np.testing.assert_allclose(parts[k + 1]["shortcut"], p["output"], rtol=1e-6, atol=1e-6)
         if plain:
             assert p["shortcut"] is None
             continue
@@ -538,6 +540,23 @@ def test_block_outputs(name, size, expansion):
             out = p["shortcut"] + p["residual"]
             out = out if preact else jax.nn.relu(out)
             np.testing.assert_allclose(parts[k + 1]["shortcut"], out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,size", [("cifar_resnet8", 8), ("cifar_preact_resnet20", 8), ("resnet18", 32)])
+def test_features_are_what_the_head_reads(name, size):
+    """``features(x)`` is [N, num_features] float32 and the head applied to it gives ``model(x)``;
+    for a pre-activation net it comes after the final BN-ReLU (so it is non-negative)."""
+    model = tiny(name, zero_init_last_bn=False)
+    model.eval()
+    x = images(size)
+    f = model.features(x)
+    assert f.shape == (BATCH, model.num_features) and f.dtype == jnp.float32
+    np.testing.assert_allclose(model.fc(f), model(x), rtol=1e-5, atol=1e-5)
+    _, parts = model.block_outputs(x)
+    last = parts[-1]["output"]
+    expected = jnp.mean(jax.nn.relu(model.final_bn(last)) if model.final_bn is not None else last, axis=(1, 2))
+    np.testing.assert_allclose(f, expected, rtol=1e-5, atol=1e-5)
+    assert float(f.min()) >= 0.0  # a ReLU (post-activation: the last block's; pre-act: the final one)
 
 
 def test_block_outputs_scanned_under_jit():
@@ -554,6 +573,7 @@ def test_block_outputs_scanned_under_jit():
     for p, q in zip(parts, ref_parts):
         np.testing.assert_allclose(p["residual"], q["residual"], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(p["shortcut"], q["shortcut"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(p["output"], q["output"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -886,6 +906,13 @@ def test_bad_num_classes_raises(num_classes):
     """num_classes must be a positive integer."""
     with pytest.raises(ValueError, match=r"num_classes=.*must be a positive integer"):
         abstract("cifar_resnet20", num_classes=num_classes)
+
+
+@pytest.mark.parametrize("num_classes", [np.int64(7), np.int32(7)])
+def test_numpy_integer_num_classes_are_accepted(num_classes):
+    """A class count from a label array (``labels.max() + 1``) is a NumPy integer."""
+    model = abstract("cifar_resnet8", num_classes=num_classes)
+    assert model.fc.kernel.shape[-1] == 7 and type(model.fc.out_features) is int
 
 
 def test_none_means_default():

@@ -1,8 +1,9 @@
 """ResNet model zoo (Flax NNX): ``create_model(name, num_classes=..., rngs=..., **options)``.
 
 The model knows nothing about training. For analysis, ``model.block_outputs(x)`` returns the
-logits and, per block, the residual branch output (after its last BN, before the addition) and the
-shortcut output.
+logits and, per block, the residual branch output (after its last BN, before the addition), the
+shortcut output and the block's output; ``model.features(x)`` returns the pooled features the
+linear head reads.
 
 The names, the depth table and the options (``resnet_jax.models.spec``) are plain Python and
 import no JAX; the networks' modules load on first use of ``create_model`` or ``ResNet``, so that

@@ -60,17 +60,17 @@ class Stage(nnx.Module):
         return block.forward(x)
 
     def forward(self, x: jax.Array, capture: bool = False) -> tuple[jax.Array, list[dict]]:
-        """Returns the stage output and, with ``capture``, each block's ``{"residual", "shortcut"}``."""
+        """Returns the stage output and, with ``capture``, each block's ``{"residual", "shortcut", "output"}``."""
         parts = []
         for block in self.blocks:
             x, p = self._apply(block, x)
-            parts.append(p)
+            parts.append({**p, "output": x} if capture else p)
         if self.scanned is not None:
             # Only stack the parts when asked: a scan keeps its outputs alive (n x activations).
             @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
             def body(y, block):
                 y, p = self._apply(block, y)
-                return y, (p if capture else None)
+                return y, ({**p, "output": y} if capture else None)
 
             x, stacked = body(x, self.scanned)
             if capture:
@@ -149,13 +149,16 @@ class ResNet(nnx.Module):
             x = max_pool(x, 3, stride=2, padding=1)
         return x
 
-    def head_forward(self, x: jax.Array) -> jax.Array:
+    def pool(self, x: jax.Array) -> jax.Array:
+        """The last stage's output -> the pooled features ``[N, num_features]`` the head reads."""
         if self.final_bn is not None:
             x = nnx.relu(self.final_bn(x))
-        x = jnp.mean(x, axis=(1, 2))  # [N, C]
-        return self.fc(x).astype(jnp.float32)
+        return jnp.mean(x, axis=(1, 2))
 
-    def _forward(self, x: jax.Array, capture: bool) -> tuple[jax.Array, list[dict]]:
+    def head_forward(self, x: jax.Array) -> jax.Array:
+        return self.fc(self.pool(x)).astype(jnp.float32)
+
+    def _check_input(self, x: jax.Array) -> None:
         if x.ndim != 4 or x.shape[-1] != 3:
             # A shape error from the first convolution names its dimension numbers, not the cause.
             raise ValueError(
@@ -163,18 +166,33 @@ class ResNet(nnx.Module):
                 + ("; a single image needs x[None]" if x.ndim == 3 and x.shape[-1] == 3 else "")
                 + ("; NCHW input needs x.transpose(0, 2, 3, 1)" if x.ndim == 4 and x.shape[1] == 3 else "")
             )
+
+    def _trunk(self, x: jax.Array, capture: bool) -> tuple[jax.Array, list[dict]]:
+        """Stem and stages: the last stage's output and, with ``capture``, every block's parts."""
+        self._check_input(x)
         x = self.stem_forward(x)
         parts = []
         for stage in self.stages:
             x, p = stage.forward(x, capture)
             parts += p
+        return x, parts
+
+    def _forward(self, x: jax.Array, capture: bool) -> tuple[jax.Array, list[dict]]:
+        x, parts = self._trunk(x, capture)
         return self.head_forward(x), parts
 
+    def features(self, x: jax.Array) -> jax.Array:
+        """The globally pooled features the linear head reads, ``[N, num_features]`` float32
+        (after the final BN-ReLU of a pre-activation network): for linear probes and retrieval."""
+        return self.pool(self._trunk(x, capture=False)[0]).astype(jnp.float32)
+
     def block_outputs(self, x: jax.Array) -> tuple[jax.Array, list[dict]]:
-        """Logits and, for every block in order, ``{"residual": F(x), "shortcut": s(x)}``.
+        """Logits and, for every block in order, ``{"residual": F(x), "shortcut": s(x), "output": y}``.
 
         ``residual`` is the branch output after its last BN and before the addition (paper 1,
-        Fig. 7); ``shortcut`` is ``None`` in a plain network. Works under jit and for scanned stages.
+        Fig. 7); ``shortcut`` is ``None`` in a plain network; ``output`` is what the block passes
+        on (after the addition and, post-activation, the ReLU). Works under jit and for scanned
+        stages.
         """
         return self._forward(x, capture=True)
 

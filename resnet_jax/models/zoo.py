@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -35,8 +37,10 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> R
     Raises:
       ValueError: a bad name, depth, option value or combination, naming what is allowed.
     """
-    if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 1):
+    # Any integer type (a NumPy count from a label array too), but not a bool or a float.
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}; must be a positive integer")
+    num_classes = int(num_classes)
     if not isinstance(rngs, nnx.Rngs):
         raise ValueError(f"rngs is a {type(rngs).__name__}; pass nnx.Rngs(seed), e.g. rngs=nnx.Rngs(0)")
     o = resolve_options(name, **options)
