@@ -88,9 +88,10 @@ def model_input(images: Any, pixels: tuple[tuple[float, ...], tuple[float, ...]]
 def cfg_get(dataset_cfg: Any, key: str, default: Any = None) -> Any:
     """Reads ``dataset_cfg.key``; a missing key or a ``None`` placeholder gives ``default``.
 
-    Tolerating missing keys lets tests and tools pass a partial ``ConfigDict``.
+    Tolerating missing keys lets tests and tools pass a partial ``ConfigDict``, or a plain dict
+    (``{"name": "digits"}``).
     """
-    value = getattr(dataset_cfg, key, None)
+    value = dataset_cfg.get(key) if isinstance(dataset_cfg, dict) else getattr(dataset_cfg, key, None)
     return default if value is None else value
 
 

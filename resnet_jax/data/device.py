@@ -52,8 +52,10 @@ class _Failure:
         self.error = error
 
 
-# Stop events and threads of the running prefetchers, stopped at exit (see _stop_prefetchers).
+# Stop events and threads of the running prefetchers, stopped at exit (see _stop_prefetchers),
+# and the consumers handed out that are still alive (closed at exit too).
 _RUNNING: set[tuple[threading.Event, threading.Thread]] = set()
+_CONSUMERS: weakref.WeakSet = weakref.WeakSet()
 
 
 @atexit.register
@@ -66,6 +68,14 @@ def _stop_prefetchers() -> None:
         stop.set()
     for _, thread in running:
         thread.join(timeout=5.0)
+    # A consumer never closed (a library caller that stops iterating and exits) would otherwise be
+    # closed by the garbage collector during finalisation, when its ``finally`` finds the modules
+    # it uses already torn down ("Exception ignored ... 'NoneType' object is not callable").
+    for batches in list(_CONSUMERS):
+        try:
+            batches.close()
+        except (ValueError, RuntimeError):  # running in another thread at exit: leave it
+            pass
 
 
 def prefetch(iterator: Iterable[dict[str, Any]], sharding: jax.sharding.Sharding, size: int = 2) -> Iterator[dict]:
@@ -145,4 +155,5 @@ def prefetch(iterator: Iterable[dict[str, Any]], sharding: jax.sharding.Sharding
 
     batches = consume()
     weakref.finalize(batches, stop.set)  # also stop when dropped without ever being started
+    _CONSUMERS.add(batches)
     return batches
