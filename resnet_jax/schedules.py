@@ -47,6 +47,22 @@ class Durations:
             boundaries=boundaries,
         )
 
+    def warnings(self, config) -> list[str]:
+        """Schedules that cannot be what was meant: a warm-up as long as the run (the learning
+        rate never reaches its peak), a step schedule none of whose boundaries falls in the run."""
+        out = []
+        if self.warmup_steps >= self.total_steps:
+            out.append(
+                f"the warm-up ({self.warmup_steps} steps) is not shorter than the run ({self.total_steps} steps): "
+                "the learning rate never reaches its peak; shorten warmup_epochs or warmup_steps"
+            )
+        if config.lr_schedule == "step" and self.boundaries and min(self.boundaries) >= self.total_steps:
+            out.append(
+                f"no learning-rate boundary {list(self.boundaries)} falls within the run's {self.total_steps} steps: "
+                "the learning rate never decays"
+            )
+        return out
+
 
 def is_time(step: int, every: int, total_steps: int | None = None) -> bool:
     """True when ``step`` (1-based count of finished steps) is a multiple of ``every`` or the last."""

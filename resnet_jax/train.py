@@ -502,6 +502,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
         elif lead:
             log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
         if lead:
+            for warning in durations.warnings(config):
+                log.warning("%s", warning)
             wd.write_run_info(
                 devices=jax.device_count(),
                 processes=jax.process_count(),
