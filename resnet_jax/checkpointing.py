@@ -29,6 +29,21 @@ def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(workdir).absolute() / "checkpoints"
 
 
+# The name under which CheckpointManager stores a single-item state in each step directory.
+ITEM = "default"
+
+
+def step_item_dir(workdir: str | pathlib.Path, step: int) -> pathlib.Path:
+    """The Orbax directory of the state saved at ``step`` (``checkpoints/<step>/default``)."""
+    return checkpoint_dir(workdir) / str(step) / ITEM
+
+
+def has_checkpoints(workdir: str | pathlib.Path) -> bool:
+    """Whether the run has a complete checkpoint step (plain file checks, no Orbax)."""
+    d = checkpoint_dir(workdir)
+    return d.is_dir() and any(p.name.isdigit() and p.is_dir() for p in d.iterdir())
+
+
 def damaged_dir(workdir: str | pathlib.Path) -> pathlib.Path:
     """Where damaged checkpoints are set aside (kept for inspection, never deleted)."""
     return pathlib.Path(workdir).absolute() / "checkpoints-damaged"
@@ -207,6 +222,42 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def resolve_step(
+    workdir: str | pathlib.Path, which: str | int | None, *, steps: list[int] | None = None, label: str | None = None
+) -> int:
+    """A run's checkpoint step: ``None``/'latest' -> the newest, 'best' -> the best by eval top-1,
+    a number -> that step if it is kept. ``steps``: the kept steps, if already listed.
+
+    Raises:
+      UserError: no checkpoint, none evaluated ('best'), or the step is not kept; the message
+        starts with ``label`` (default: the workdir).
+    """
+    label = label or str(workdir)
+    if steps is None:
+        steps = []
+        if checkpoint_dir(workdir).is_dir():
+            ckpt = Checkpointer(workdir, read_only=True)
+            steps = ckpt.all_steps()
+            ckpt.close()
+    if not steps:
+        raise UserError(f"{label}: no complete checkpoint in {checkpoint_dir(workdir)}; train first")
+    if which is None or which == "latest":
+        return steps[-1]
+    if which == "best":
+        ckpt = Checkpointer(workdir, read_only=True)
+        try:
+            best = ckpt.best_step()
+        finally:
+            ckpt.close()
+        if best is None:
+            raise UserError(f"{label}: no evaluated checkpoint; use 'latest' or a step")
+        return best
+    if str(which).isdigit() and int(which) in steps:
+        return int(which)
+    shown = which if str(which).isdigit() else repr(which)
+    raise UserError(f"{label}: no checkpoint at step {shown}; kept steps: {steps}")
 
 
 def abstract_with_shardings(state, shardings):

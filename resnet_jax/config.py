@@ -55,6 +55,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.dataset.train_augment = "inception"
     c.dataset.lighting_std = 0.0
 
+    # Start from trained weights instead of a random initialisation (resnet_jax/warm_start.py):
+    # a run's workdir (its checkpoint 'latest' | 'best' | a step) or a resnet_jax.convert output
+    # (torchvision weights). head: auto (load fc when the classes match, else a new one) | load |
+    # reset. A run that has checkpoints of its own resumes from them instead.
+    c.init_from = ml_collections.ConfigDict()
+    c.init_from.path = config_dict.placeholder(str)
+    c.init_from.checkpoint = "latest"
+    c.init_from.head = "auto"
+
     c.batch_size = 256  # global, over all devices and hosts
     c.num_epochs = 90.0
     c.num_steps = -1  # > 0 overrides num_epochs
@@ -260,6 +269,9 @@ def check_run_config(config) -> None:
         raise ValueError(
             f"config.lr_boundaries_epochs={tuple(config.lr_boundaries_epochs)!r}; use epochs, e.g. (30, 60, 80)"
         )
+    from resnet_jax.warm_start import check_choices
+
+    check_choices(config.init_from)
     group = config.model.bn_group_size
     if group and group > 0 and config.batch_size % group:
         raise ValueError(

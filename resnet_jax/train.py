@@ -41,8 +41,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import data
-from resnet_jax.checkpointing import Checkpointer, abstract_with_shardings, restore_problem
+from resnet_jax import data, warm_start
+from resnet_jax.checkpointing import Checkpointer, abstract_with_shardings, has_checkpoints, restore_problem
 from resnet_jax.cli import check_config
 from resnet_jax.config import model_options
 from resnet_jax.errors import UserError
@@ -246,6 +246,12 @@ def train_step(
     return new, metrics
 
 
+def _replace(tree, loaded: dict):
+    """``tree`` with the leaves named in ``loaded`` (``warm_start.dotted`` names) replaced."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return jax.tree_util.tree_unflatten(treedef, [loaded.get(warm_start.dotted(p), v) for p, v in leaves])
+
+
 def state_finite(state, fuse_below: float = math.inf) -> jax.Array:
     """Whether a train state holds only finite values (jit it; see ``train_step``)."""
     return all_finite({k: state[k] for k in ("params", "batch_stats", "opt_state")}, fuse_below)
@@ -365,13 +371,15 @@ class Trainer:
             compiler_options=compiler_options(),
         )
 
-    def _init(self):
+    def _init(self, loaded=None):
         model = build_model(self.config, self.info.num_classes, seed=self.config.seed)
         _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         # Plain nested dicts, not nnx.State: every call of the jitted step flattens the state and
         # unflattens the new one on the host, 1.5 ms per step for nnx.State against 0.14 ms for
         # dicts (cifar_resnet56); on a GPU that host time was most of a small net's step.
         params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+        if loaded:  # trained weights in place of the fresh ones (warm_start; names do not collide)
+            params, batch_stats = _replace(params, loaded), _replace(batch_stats, loaded)
         return {
             "params": params,
             "batch_stats": batch_stats,
@@ -380,9 +388,32 @@ class Trainer:
             "nonfinite": jnp.zeros((), jnp.int32),
         }
 
-    def init_state(self):
-        """A fresh state, created directly with its shardings (no replicate-then-shard)."""
-        return jax.jit(self._init, out_shardings=self.state_shardings, compiler_options=init_compiler_options())()
+    def init_state(self, loaded: dict[str, np.ndarray] | None = None):
+        """A fresh state, created directly with its shardings (no replicate-then-shard).
+
+        ``loaded``: trained arrays by name (``warm_start.WarmStart.load``) that replace the
+        random initialisation; every process passes the same values.
+        """
+        init = jax.jit(self._init, out_shardings=self.state_shardings, compiler_options=init_compiler_options())
+        if not loaded:
+            return init()
+        # From the host to every device of the mesh, in any number of processes: each device
+        # takes its copy from this process's array.
+        on_mesh = {
+            k: jax.make_array_from_callback(v.shape, self.replicated, lambda i, v=v: v[i]) for k, v in loaded.items()
+        }
+        return init(on_mesh)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The parameters and BatchNorm statistics, ``{name: shape}`` (``stages.0.blocks.1.conv1.kernel``)."""
+        trees = (self.abstract_state["params"], self.abstract_state["batch_stats"])
+        return {
+            warm_start.dotted(p): tuple(a.shape) for t in trees for p, a in jax.tree_util.tree_flatten_with_path(t)[0]
+        }
+
+    def start_state(self, warm: warm_start.WarmStart | None):
+        """The state of step 0: fresh, or with ``warm``'s trained weights."""
+        return self.init_state(warm.load() if warm is not None else None)
 
     def evaluate(self, state, dataset_cfg=None, should_stop=None) -> dict[str, float] | None:
         """Loss, top-1 and top-5 accuracy over every example of the eval split, exactly once.
@@ -490,6 +521,10 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
             info = data.get_info(config.dataset)
             durations = Durations.from_config(config, info.num_train)
             trainer = Trainer(config, info, durations)  # model and batch/device errors, before any write
+            # The source of trained weights is read only to start a run: a resumed run has its own.
+            warm = None
+            if fresh or not has_checkpoints(workdir):
+                warm = warm_start.from_config(config, trainer.weight_shapes())
             if lead:
                 wd.open(config.to_dict(), fresh=fresh)
         except Exception as e:  # noqa: BLE001 - re-raised by agree_on_start_up, after the other processes learn of it
@@ -498,7 +533,11 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
         ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
         state, step = ckpt.restore_latest(trainer.abstract_state)
         if state is None:
-            state = trainer.init_state()
+            if warm is None:  # step folders Orbax does not count as saved: a start after all
+                warm = warm_start.from_config(config, trainer.weight_shapes())
+            state = trainer.start_state(warm)
+            if warm is not None and lead:
+                log.info("%s", warm_start.describe(warm))
         elif lead:
             log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
         if lead:
@@ -513,6 +552,9 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
                 total_steps=durations.total_steps,
                 # What a model restored from this run needs (analysis.common.load_model), without the data.
                 dataset_info=dataclasses.asdict(info),
+                # Where the weights of step 0 came from (kept on resume: the source is not read then).
+                **({"init_from": warm.record()} if warm is not None else {}),
+                keep=("init_from",) if step > 0 else (),
             )
         logbook = Logbook(workdir, start_step=step, enabled=lead)
         if lead and config.progress_bar:

@@ -128,11 +128,19 @@ class Workdir:
         logging.getLogger("resnet_jax").warning("--fresh: moved the previous run's files to %s", dest)
         return dest
 
-    def write_run_info(self, **extra) -> None:
+    def write_run_info(self, keep: tuple[str, ...] = (), **extra) -> None:
+        """Records this start of the run; ``keep``: keys of the previous record to carry over
+        (what a resumed run learnt at its first start)."""
+        try:
+            previous = json.loads((self.path / RUN_INFO_FILE).read_text())
+        except (OSError, ValueError):
+            previous = {}
+        kept = {k: previous[k] for k in keep if isinstance(previous, dict) and k in previous}
         info = {
             "version": resnet_jax.__version__,
             "git_commit": git_commit(),
             "started": datetime.datetime.now(datetime.UTC).isoformat(),
+            **kept,
             **extra,
         }
         write_atomic(self.path / RUN_INFO_FILE, json.dumps(info, indent=2))

@@ -273,6 +273,14 @@ def test_fresh_sets_the_old_run_aside(results):
         (["--config.warmup_kind=lin", "--workdir=/nonexistent/wd"], "config.warmup_kind='lin'"),
         (["--config.dataset.name=digitz", "--workdir=/nonexistent/wd"], "config.dataset.name='digitz'; use one of"),
         (["--config.dataset.eval_crops=3", "--workdir=/nonexistent/wd"], "config.dataset.eval_crops=3; use 1, or 10"),
+        (
+            ["--config.init_from.head=new", "--workdir=/nonexistent/wd"],
+            "config.init_from.head='new'; use one of 'auto'",
+        ),
+        (
+            ["--config.init_from.checkpoint=last", "--workdir=/nonexistent/wd"],
+            "config.init_from.checkpoint='last'; use 'latest', 'best' or a step number",
+        ),
         # pathlib would make gs://b/run a local folder gs:/b/run (then TensorBoard's writer failed).
         (["--workdir=gs://bucket/run"], "--workdir=gs://bucket/run: a workdir must be a filesystem path"),
         (

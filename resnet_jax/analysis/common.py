@@ -375,25 +375,9 @@ class RunLoader:
         Raises:
           UserError: no checkpoint, or the step is not kept.
         """
-        if not self.steps:
-            raise UserError(f"no complete checkpoint in {self.workdir / 'checkpoints'}; train first")
-        if step is None or step == "latest":
-            return self.steps[-1]
-        if step == "best":
-            from resnet_jax.checkpointing import Checkpointer
+        from resnet_jax.checkpointing import resolve_step
 
-            ckpt = Checkpointer(self.workdir, read_only=True)
-            try:
-                best = ckpt.best_step()
-            finally:
-                ckpt.close()
-            if best is None:
-                raise UserError(f"{self.workdir}: no evaluated checkpoint; use 'latest' or a step")
-            return best
-        if str(step).isdigit() and int(step) in self.steps:
-            return int(step)
-        shown = step if str(step).isdigit() else repr(step)
-        raise UserError(f"{self.workdir}: no checkpoint at step {shown}; kept steps: {self.steps}")
+        return resolve_step(self.workdir, step, steps=self.steps)
 
     def model(self, step: int):
         """The network of checkpoint ``step`` (eval mode: BatchNorm uses its running statistics).
@@ -420,8 +404,16 @@ class RunLoader:
 
     def init(self):
         """The network as the run initialised it (the Trainer's own initialisation, from the run's
-        seed), before step 1, in eval mode."""
-        return self._network(self.trainer.init_state())
+        seed, or the weights it started from: ``config.init_from``), before step 1, in eval mode.
+
+        Raises:
+          UserError: the run started from weights that are no longer where it found them.
+        """
+        from resnet_jax import warm_start
+
+        return self._network(
+            self.trainer.start_state(warm_start.from_config(self.config, self.trainer.weight_shapes()))
+        )
 
     def _network(self, state):
         from flax import nnx

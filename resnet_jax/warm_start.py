@@ -1,0 +1,278 @@
+"""Starting a run from trained weights (``config.init_from``): fine-tuning and transfer.
+
+The source is either a training run's workdir (one of its checkpoints: ``init_from.checkpoint``
+'latest', 'best' or a step) or a directory written by ``python -m resnet_jax.convert`` (torchvision
+weights). Its parameters and BatchNorm statistics replace the fresh initialisation; the optimizer
+state, the step count and the schedule start from zero. The linear head ``fc`` follows
+``init_from.head``: 'auto' loads it when its shape fits (same number of classes) and keeps the
+fresh one otherwise, 'load' insists on loading it, 'reset' always starts a new head.
+
+Only a run with no checkpoint of its own reads the source: a resumed run continues from its own
+checkpoint, so a preempted fine-tuning job does not need the source any more. Every other array
+must match by name and shape, and the source's network must compute the same function (its
+blocks, depth, shortcut and stride placement): a mismatch is one ``UserError`` before anything
+is written. Stacked (``scan_blocks``) and unrolled stages convert into each other. Each process
+of a multi-host run reads the source itself: it must be on a filesystem every host sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from resnet_jax.errors import UserError, first_line
+
+HEADS = ("auto", "load", "reset")
+HEAD = "fc"
+# The function a network computes, beyond what the parameter shapes show (an option A shortcut
+# and no shortcut have the same parameters; so do both stride placements of a bottleneck).
+_FUNCTION_KEYS = ("block", "stage_sizes", "shortcut", "stride_in")
+_SCANNED = re.compile(r"^(stages\.\d+)\.scanned\.(.+)$")
+
+
+def check_choices(init_from) -> None:
+    """The plain values of ``config.init_from`` (before JAX). Raises ValueError naming the key."""
+    if init_from.head not in HEADS:
+        raise ValueError(f"config.init_from.head={init_from.head!r}; use one of {', '.join(map(repr, HEADS))}")
+    which = str(init_from.checkpoint)
+    if which not in ("latest", "best") and not which.isdigit():
+        raise ValueError(f"config.init_from.checkpoint={which!r}; use 'latest', 'best' or a step number")
+    path = init_from.path
+    if path is not None and ("://" in str(path) or not str(path).strip()):
+        raise ValueError(f"config.init_from.path={path!r}; give the directory of a run or of converted weights")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where the weights come from: ``kind`` 'run' (a checkpoint ``step``) or 'converted'."""
+
+    path: pathlib.Path
+    kind: str
+    item_dir: pathlib.Path  # the Orbax checkpoint directory of the state
+    step: int | None
+    model: dict[str, Any]  # {"name": ..., options...} as the source recorded them
+
+    def describe(self) -> str:
+        what = f"checkpoint {self.step} of the run" if self.kind == "run" else "converted weights"
+        return f"{what} {self.path} ({self.model.get('name', '?')})"
+
+    def record(self) -> dict[str, Any]:
+        """What run_info.json keeps of it."""
+        return {"path": str(self.path), "kind": self.kind, "step": self.step, "model": self.model.get("name")}
+
+
+def open_source(path: str | pathlib.Path, checkpoint: str | int = "latest") -> Source:
+    """Finds the weights at ``path``; a missing or unrecognised directory is a ``UserError``."""
+    from resnet_jax.convert import CHECKPOINT_SUBDIR, METADATA_FILE
+    from resnet_jax.workdir import CONFIG_FILE
+
+    root = pathlib.Path(path).expanduser().absolute()
+    label = f"config.init_from.path={path}"
+    if not root.is_dir():
+        raise UserError(
+            f"{label}: no such directory; give a run's workdir or a directory written by resnet_jax.convert"
+        )
+    if (root / METADATA_FILE).is_file() and (root / CHECKPOINT_SUBDIR).is_dir():
+        return Source(root, "converted", root / CHECKPOINT_SUBDIR, None, _read_json(root / METADATA_FILE, label))
+    if not (root / CONFIG_FILE).is_file():
+        raise UserError(
+            f"{label} is neither a run's workdir (config.json) nor converted weights ({METADATA_FILE}); "
+            "give one of those directories"
+        )
+    from resnet_jax.checkpointing import resolve_step, step_item_dir
+
+    step = resolve_step(root, checkpoint, label=label)
+    model = dict(_read_json(root / CONFIG_FILE, label).get("model") or {})
+    return Source(root, "run", step_item_dir(root, step), step, model)
+
+
+def _read_json(path: pathlib.Path, label: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{label}: cannot read {path} ({first_line(e, limit=200)})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{label}: {path} is not a JSON object")
+    return value
+
+
+def _function(model: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The function-defining options of a recorded model (None when they cannot be resolved)."""
+    from resnet_jax.models.spec import resolve_options
+
+    given = {k: model.get(k) for k in ("shortcut", "stride_in")}
+    try:
+        o = resolve_options(str(model.get("name")), **given)
+    except ValueError:
+        return None
+    return {k: o[k] for k in _FUNCTION_KEYS}
+
+
+def dotted(path) -> str:
+    """A pytree key path as a dotted name: ``stages.0.blocks.1.conv1.kernel``."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _stored_leaves(source: Source) -> dict[str, tuple[str, Any]]:
+    """The source's parameters and statistics from the checkpoint's metadata (no array is read):
+    ``{name: (stored name, metadata)}``, names as in the model (``stages.0.blocks.1.conv1.kernel``)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    try:
+        # The handler reads the tree's metadata itself (a Checkpointer also looks for a
+        # step-level metadata file, which a CheckpointManager writes one level up, and warns).
+        tree = dict(ocp.PyTreeCheckpointHandler().metadata(source.item_dir))
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same answer
+        raise UserError(f"cannot read {source.item_dir} ({first_line(e, limit=200)}); is it damaged?") from None
+    if source.kind == "run":
+        tree = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+    out = {}
+    for path, meta in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        stored = dotted(path)
+        name = stored
+        if source.kind == "run":
+            name = name.split(".", 1)[1]  # params. / batch_stats.
+        elif name.endswith(".value"):  # nnx.state: each variable's value
+            name = name[: -len(".value")]
+        out[name] = (stored, meta)
+    return out
+
+
+def _unrolled(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
+    """Stacked blocks ``stages.i.scanned.x`` (leading axis n-1) as ``stages.i.blocks.(1..n-1).x``."""
+    out = {}
+    for name, shape in shapes.items():
+        m = _SCANNED.match(name)
+        if m:
+            for j in range(shape[0]):
+                out[f"{m.group(1)}.blocks.{j + 1}.{m.group(2)}"] = tuple(shape[1:])
+        else:
+            out[name] = tuple(shape)
+    return out
+
+
+@dataclasses.dataclass
+class WarmStart:
+    """A checked plan: which of the target's arrays come from ``source``, and from where."""
+
+    source: Source
+    stored: dict[str, tuple[str, Any]]  # source name -> (stored name, metadata)
+    targets: dict[str, tuple]  # target name (as the Trainer's state names it) -> shape
+    new_head: bool
+
+    def record(self) -> dict[str, Any]:
+        """What run_info.json keeps of where step 0's weights came from."""
+        return {**self.source.record(), "head": "new" if self.new_head else "loaded"}
+
+    def load(self) -> dict[str, np.ndarray]:
+        """The source's arrays on the host, named and shaped as the target's (stacked where it
+        scans): ``{name: float32 array}`` for ``Trainer.init_state``."""
+        import jax
+        import orbax.checkpoint as ocp
+        from flax import traverse_util
+
+        wanted = {stored: name for name, (stored, _) in self.stored.items() if not (self.new_head and _is_head(name))}
+        metas = {tuple(stored.split(".")): self.stored[name][1] for stored, name in wanted.items()}
+        zeros = traverse_util.unflatten_dict({k: np.zeros(m.shape, m.dtype) for k, m in metas.items()})
+        args = traverse_util.unflatten_dict({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in metas})
+        try:
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                restored = checkpointer.restore(
+                    self.source.item_dir,
+                    args=ocp.args.PyTreeRestore(item=zeros, restore_args=args, partial_restore=True),
+                )
+        except Exception as e:  # noqa: BLE001 - truncated or missing files
+            raise UserError(
+                f"cannot read the weights in {self.source.item_dir} ({first_line(e, limit=200)}); is it damaged?"
+            ) from None
+        arrays = {}
+        for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
+            name = wanted[dotted(path)]
+            m = _SCANNED.match(name)
+            for j, part in enumerate(value) if m else [(None, value)]:
+                arrays[f"{m.group(1)}.blocks.{j + 1}.{m.group(2)}" if m else name] = np.asarray(part)
+        out = {}
+        for name, shape in self.targets.items():
+            if self.new_head and _is_head(name):
+                continue
+            m = _SCANNED.match(name)
+            if m:
+                out[name] = np.stack([arrays[f"{m.group(1)}.blocks.{j + 1}.{m.group(2)}"] for j in range(shape[0])])
+            else:
+                out[name] = arrays[name]
+            out[name] = out[name].astype(np.float32)
+        return out
+
+
+def _is_head(name: str) -> bool:
+    return name.split(".")[0] == HEAD
+
+
+def plan(source: Source, target_model: Mapping[str, Any], targets: Mapping[str, tuple], head: str) -> WarmStart:
+    """Checks that ``source`` fits the target network and decides the head.
+
+    Args:
+      source: from ``open_source``.
+      target_model: the run's ``config.model`` as a dict (name and options).
+      targets: the target's parameters and statistics, ``{name: shape}``.
+      head: ``config.init_from.head``.
+
+    Raises:
+      UserError: another architecture, a missing, extra or differently shaped array, or a head
+        that ``head='load'`` cannot load.
+    """
+    label = f"config.init_from.path={source.path}"
+    theirs, ours = _function(source.model), _function(target_model)
+    if theirs is not None and ours is not None and theirs != ours:
+        diff = [f"{k} {theirs[k]} there, {ours[k]} here" for k in _FUNCTION_KEYS if theirs[k] != ours[k]]
+        raise UserError(
+            f"{label} holds a {source.model.get('name')} that computes another function than this run's "
+            f"{target_model.get('name')} ({'; '.join(diff)}); set config.model to match it"
+        )
+    stored = _stored_leaves(source)
+    src = _unrolled({n: tuple(m.shape) for n, (_, m) in stored.items()})
+    tgt = _unrolled(targets)
+    head_fits = all(src.get(n) == s for n, s in tgt.items() if _is_head(n)) and any(map(_is_head, src))
+    if head == "load" and not head_fits:
+        shapes = {n: src.get(n, "absent") for n in tgt if _is_head(n)}
+        raise UserError(
+            f"{label}: config.init_from.head='load', but its head does not fit "
+            f"({', '.join(f'{n} {s} there, {tgt[n]} here' for n, s in shapes.items())}); "
+            "use 'auto' or 'reset' to train a new head"
+        )
+    new_head = head == "reset" or not head_fits
+    body_src = {n: s for n, s in src.items() if not _is_head(n)}
+    body_tgt = {n: s for n, s in tgt.items() if not _is_head(n)}
+    problems = [f"{n} is missing there" for n in body_tgt if n not in body_src]
+    problems += [
+        f"{n} is {body_src[n]} there, {s} here" for n, s in body_tgt.items() if n in body_src and body_src[n] != s
+    ]
+    problems += [f"{n} there has no place here" for n in body_src if n not in body_tgt]
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(
+            f"{label} does not fit this run's {target_model.get('name')}: {problems[0]}{more}; "
+            f"it holds a {source.model.get('name')}: set config.model (name, width, shortcut) to match it"
+        )
+    return WarmStart(source, stored, dict(targets), new_head)
+
+
+def from_config(config, targets: Mapping[str, tuple]) -> WarmStart | None:
+    """The checked plan for ``config.init_from`` (None when it names no source)."""
+    init = config.get("init_from") or {}  # (a run recorded before the key existed: none)
+    if init.get("path") is None:
+        return None
+    source = open_source(init["path"], init.get("checkpoint", "latest"))
+    return plan(source, config.model.to_dict(), targets, init.get("head", "auto"))
+
+
+def describe(warm: WarmStart) -> str:
+    head = "a new head" if warm.new_head else "its head"
+    return f"initialised from {warm.source.describe()}, with {head}"

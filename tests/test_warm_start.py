@@ -1,0 +1,216 @@
+"""Starting a run from trained weights (``config.init_from``): a run's checkpoint or converted
+weights, exactly restored, a new head when the classes differ, stacked and unrolled stages, the
+refusals, and a resumed run that no longer needs its source."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from cli_env import assert_one_line_error
+from flax import nnx
+from test_train import SHORT, run_cli
+
+from resnet_jax import data, train, warm_start
+from resnet_jax.checkpointing import Checkpointer
+from resnet_jax.config import get_base_config
+from resnet_jax.convert import save_converted
+from resnet_jax.errors import UserError
+from resnet_jax.models import create_model
+from resnet_jax.schedules import Durations
+
+
+def config_for(name: str = "cifar_resnet8", num_classes: int = 10, **model):
+    c = get_base_config()
+    c.model.name, c.model.width, c.batch_size = name, 4, 8
+    c.model.update(model)
+    c.dataset.name, c.dataset.image_size, c.dataset.num_classes = "synthetic", 8, num_classes
+    return c
+
+
+def trainer_for(config) -> train.Trainer:
+    info = data.get_info(config.dataset)
+    return train.Trainer(config, info, Durations.from_config(config, info.num_train))
+
+
+def weights(state) -> dict[str, np.ndarray]:
+    trees = (state["params"], state["batch_stats"])
+    return {warm_start.dotted(p): np.asarray(a) for t in trees for p, a in jax.tree_util.tree_flatten_with_path(t)[0]}
+
+
+def save_run(path, config, step: int = 5):
+    """A run's workdir holding one real checkpoint whose weights are not any initialisation's
+    (every array shifted by a different amount), as ``(state, workdir)``."""
+    trainer = trainer_for(config)
+    state = trainer.init_state()
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    state = jax.tree_util.tree_unflatten(treedef, [a + 0.25 * (i + 1) for i, a in enumerate(leaves)])
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config.to_dict()))
+    ckpt = Checkpointer(path)
+    ckpt.save(step, state, force=True)
+    ckpt.close()
+    return state, path
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return save_run(tmp_path_factory.mktemp("src") / "run", config_for())
+
+
+def start(config):
+    trainer = trainer_for(config)
+    warm = warm_start.from_config(config, trainer.weight_shapes())
+    return warm, trainer.start_state(warm), trainer
+
+
+def test_a_run_checkpoint_is_restored_exactly_with_a_fresh_optimizer(source):
+    saved, path = source
+    config = config_for()
+    config.init_from.path = str(path)
+    warm, state, trainer = start(config)
+    assert warm.record() == {"path": str(path), "kind": "run", "step": 5, "model": "cifar_resnet8", "head": "loaded"}
+    ours, theirs = weights(state), weights(saved)
+    assert ours.keys() == theirs.keys() and "fc.kernel" in ours and "stages.2.blocks.0.bn2.var" in ours
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    # The optimizer, the step and the guard's count start from zero, as in a fresh run.
+    fresh = trainer.init_state()
+    for a, b in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(fresh["opt_state"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(state["step"]) == 0 and int(state["nonfinite"]) == 0
+    # The state is laid out as the trainer's own (its first step takes it as is).
+    assert jax.tree.map(lambda a: a.sharding, state) == trainer.state_shardings
+
+
+@pytest.mark.parametrize("head", ["auto", "reset"])
+def test_other_classes_or_reset_get_a_new_head(source, head):
+    """auto: 5 classes against the source's 10 -> the fresh head; reset: a fresh head even when it
+    would fit. The rest is the source's either way."""
+    saved, path = source
+    config = config_for(num_classes=5 if head == "auto" else 10)
+    config.init_from.path, config.init_from.head = str(path), head
+    warm, state, trainer = start(config)
+    assert warm.new_head and warm.record()["head"] == "new"
+    ours, theirs, fresh = weights(state), weights(saved), weights(trainer.init_state())
+    for name in ours:
+        expected = fresh[name] if name.startswith("fc.") else theirs[name]
+        np.testing.assert_array_equal(ours[name], expected, err_msg=name)
+
+
+def test_stacked_and_unrolled_stages_convert_both_ways(tmp_path):
+    unrolled_cfg, scanned_cfg = config_for("cifar_resnet20"), config_for("cifar_resnet20", scan_blocks="true")
+    for src_cfg, dst_cfg, name in ((unrolled_cfg, scanned_cfg, "u"), (scanned_cfg, unrolled_cfg, "s")):
+        saved, path = save_run(tmp_path / name, src_cfg)
+        dst_cfg.init_from.path = str(path)
+        _, state, _ = start(dst_cfg)
+        ours, theirs = weights(state), weights(saved)
+        # cifar_resnet20: 3 blocks per stage, the last two stacked when scanned.
+        stacked, single = (ours, theirs) if name == "u" else (theirs, ours)
+        assert stacked["stages.1.scanned.conv2.kernel"].shape[0] == 2
+        for j in (1, 2):
+            np.testing.assert_array_equal(
+                stacked["stages.1.scanned.conv2.kernel"][j - 1], single[f"stages.1.blocks.{j}.conv2.kernel"]
+            )
+        assert sum(a.size for a in ours.values()) == sum(a.size for a in theirs.values())
+
+
+def test_converted_weights_are_restored(tmp_path):
+    """A ``resnet_jax.convert`` directory (``save_converted``: the model's nnx state)."""
+    model = create_model("cifar_resnet8", num_classes=10, width=4, rngs=nnx.Rngs(3))
+    _, state = nnx.split(model)
+    state = jax.tree.map(lambda a: a + 1.5, state)
+    nnx.update(model, state)
+    save_converted(model, tmp_path / "conv", name="cifar_resnet8", num_classes=10, options={"width": 4})
+    config = config_for()
+    config.init_from.path = str(tmp_path / "conv")
+    warm, out, _ = start(config)
+    assert warm.record()["kind"] == "converted" and not warm.new_head
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    expected = weights({"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)})
+    ours = weights(out)
+    assert ours.keys() == expected.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], expected[name], err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        ({"width": 8}, ["does not fit this run's cifar_resnet8", "bn1.bias is (4,) there, (8,) here"]),
+        ({"shortcut": "B"}, ["computes another function", "shortcut A there, B here"]),
+        ({"name": "cifar_plain8"}, ["shortcut A there, none here"]),
+        ({"name": "cifar_resnet14"}, ["stage_sizes (1, 1, 1) there, (2, 2, 2) here"]),
+    ],
+)
+def test_another_network_is_refused(source, change, needles):
+    _, path = source
+    config = config_for(**{k: v for k, v in change.items() if k != "name"})
+    config.model.name = change.get("name", config.model.name)
+    config.init_from.path = str(path)
+    with pytest.raises(UserError) as e:
+        start(config)
+    for needle in needles:
+        assert needle in str(e.value)
+
+
+def test_bad_sources_are_refused(source, tmp_path):
+    _, path = source
+    cases = {
+        str(tmp_path / "missing"): "no such directory",
+        str(tmp_path): r"neither a run.s workdir \(config.json\) nor converted weights \(model.json\)",
+    }
+    for where, needle in cases.items():
+        config = config_for()
+        config.init_from.path = where
+        with pytest.raises(UserError, match=needle):
+            start(config)
+    config = config_for(num_classes=5)
+    config.init_from.path, config.init_from.head = str(path), "load"
+    with pytest.raises(UserError, match=r"head='load', but its head does not fit \(fc.bias \(10,\) there, \(5,\) here"):
+        start(config)
+    config = config_for()
+    config.init_from.path, config.init_from.checkpoint = str(path), "7"
+    with pytest.raises(UserError, match=r"no checkpoint at step 7; kept steps: \[5\]"):
+        start(config)
+    config.init_from.checkpoint = "best"  # saved without eval metrics
+    with pytest.raises(UserError, match="no evaluated checkpoint"):
+        start(config)
+
+
+def test_a_resumed_run_does_not_read_its_source(tmp_path):
+    """The command line end to end: a run started from another run's weights records where they
+    came from; resumed after the source is gone, it continues from its own checkpoint and keeps
+    the record."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    short = [a for a in SHORT if not a.startswith(("--config.num_steps", "--config.checkpoint_every"))]
+    p = run_cli("resnet_jax.train", *short, "--config.num_steps=2", "--config.plot_curves=false", f"--workdir={src}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    args = [*short, "--config.plot_curves=false", f"--config.init_from.path={src}", f"--workdir={dst}"]
+    p = run_cli("resnet_jax.train", *args, "--config.num_steps=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"initialised from checkpoint 2 of the run {src} (cifar_resnet8), with its head" in p.stderr
+    record = json.loads((dst / "run_info.json").read_text())["init_from"]
+    assert record == {"path": str(src), "kind": "run", "step": 2, "model": "cifar_resnet8", "head": "loaded"}
+    # The analysis tools' "network at initialisation" of this run is the source's trained one.
+    from resnet_jax.analysis.common import RunLoader, load_model
+
+    trained, _ = load_model(src)
+    at_init = RunLoader(dst).init()
+    np.testing.assert_array_equal(
+        at_init.stages[1].blocks[0].conv1.kernel[...], trained.stages[1].blocks[0].conv1.kernel[...]
+    )
+    shutil.rmtree(src)
+    with pytest.raises(UserError, match="no such directory"):
+        RunLoader(dst).init()
+    p = run_cli("resnet_jax.train", *args, "--config.num_steps=4")
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads((dst / "run_info.json").read_text())
+    assert info["resumed_from"] == 2 and info["init_from"] == record
+    # A new run from the missing source is refused before its workdir is made.
+    p = run_cli("resnet_jax.train", *args[:-1], f"--workdir={tmp_path / 'new'}", "--config.num_steps=2")
+    assert_one_line_error(p, f"config.init_from.path={src}: no such directory", max_lines=1)
+    assert not (tmp_path / "new").exists()
