@@ -195,6 +195,13 @@ def flatten_config(cfg: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def flat_settings(cfg: dict) -> dict[str, str]:
+    """``flatten_config`` of a run's recorded config with the keys it lacks at their defaults: a
+    run recorded before a key existed ran as that key's default does (keys are added that way),
+    so it compares equal to a new run that leaves the key alone."""
+    return {**flatten_config(get_base_config().to_dict()), **flatten_config(cfg)}
+
+
 # Test views: 1, the centre crop; 10, paper 1's 10-crop testing, which only the imagenet2012
 # pipeline has. The one statement of the rule (checked here, in evaluate and in resnet_jax.data).
 EVAL_CROPS = (1, 10)

@@ -127,16 +127,16 @@ def check_overrides(runs: list[dict], extra: list[str]) -> dict[str, dict]:
 def check_same_settings(workdir: pathlib.Path, expected: dict) -> None:
     """Refuses a run directory whose config.json differs from ``expected`` in a key that changes
     what the run computes (``config.NON_RESULT_KEYS`` aside; the seed counts)."""
-    from resnet_jax.config import NON_RESULT_KEYS, flatten_config
+    from resnet_jax.config import NON_RESULT_KEYS, flat_settings
 
     path = workdir / "config.json"
     if not path.is_file():
         return
     try:
-        old = flatten_config(json.loads(path.read_text()))
+        old = flat_settings(json.loads(path.read_text()))
     except (OSError, ValueError, AttributeError) as e:
         raise UserError(f"{path} is not readable JSON ({describe(e)}); fix the file or move it away") from None
-    new = flatten_config(expected)
+    new = flat_settings(expected)
     keys = sorted(
         k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and (k == "seed" or k not in NON_RESULT_KEYS)
     )

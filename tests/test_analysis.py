@@ -206,6 +206,37 @@ def test_results_table_groups_seeds(fake_runs, tmp_path, capsys):
     assert "exists" in one_line_error(capsys)
 
 
+def test_results_table_reads_a_run_recorded_before_newer_keys_existed(fake_runs):
+    """A config.json without the keys added since (init_from, dataset.lighting_std) holds those
+    keys' defaults: its seed joins the others instead of a group of its own."""
+    root, runs = fake_runs
+    cfg = json.loads((runs[0] / "config.json").read_text())
+    del cfg["init_from"], cfg["dataset"]["lighting_std"]
+    (runs[0] / "config.json").write_text(json.dumps(cfg))
+    rows = results_table.collect(results_table.find_workdirs(root))
+    r20 = next(r for r in rows if r.model == "ResNet-20")
+    assert r20.n == 3 and r20.setting == ""
+    # A run that does set one of them is told apart by it.
+    fake = fake_run(root / "warm", acc=0.95)
+    cfg = json.loads((fake / "config.json").read_text())
+    cfg["init_from"]["path"] = "/runs/imagenet"
+    (fake / "config.json").write_text(json.dumps(cfg))
+    settings = {
+        r.setting: r.n for r in results_table.collect(results_table.find_workdirs(root)) if r.model == "ResNet-20"
+    }
+    assert settings == {"init_from.path=None": 3, "init_from.path=/runs/imagenet": 1}
+
+
+def test_run_labels_name_the_shortcut():
+    from resnet_jax.analysis.common import run_label
+
+    assert run_label({"model": {"name": "cifar_resnet20", "shortcut": None}}) == "ResNet-20"
+    assert run_label({"model": {"name": "cifar_resnet20", "shortcut": "B"}}) == "ResNet-20 (B)"
+    assert run_label({"model": {"name": "cifar_plain20", "shortcut": None}}) == "plain-20"
+    # Before: "ResNet-20", the label of the residual network it is not.
+    assert run_label({"model": {"name": "cifar_resnet20", "shortcut": "none"}}) == "ResNet-20 (no shortcuts)"
+
+
 def test_repeated_labels_take_as_much_of_the_path_as_tells_them_apart():
     from resnet_jax.analysis.common import unique_labels
 

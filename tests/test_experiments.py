@@ -204,6 +204,14 @@ def test_sweep_refuses_a_run_directory_of_other_settings(tmp_path, capsys):
     assert sorted(os.listdir(wd)) == ["config.json"]
     (wd / "config.json").write_text(json.dumps({**old, "num_steps": 2}))  # only a logging key differs
     assert sweep.main([str(path), "--root", str(root), "--dry_run"]) == 0
+    # Recorded before init_from existed: the same settings (the key's default), not another run.
+    older = {k: v for k, v in {**old, "num_steps": 2}.items() if k != "init_from"}
+    (wd / "config.json").write_text(json.dumps(older))
+    assert sweep.main([str(path), "--root", str(root), "--dry_run"]) == 0
+    (wd / "config.json").write_text(json.dumps({**older, "init_from": {**old["init_from"], "path": "/elsewhere"}}))
+    with pytest.raises(SystemExit):
+        sweep.main([str(path), "--root", str(root), "--dry_run"])
+    assert 'init_from.path: "/elsewhere" -> null' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

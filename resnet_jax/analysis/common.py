@@ -149,7 +149,9 @@ def run_label(config: dict) -> str:
     """A short legend label for a run: the paper's name of its model and a non-default shortcut."""
     model = config.get("model", {})
     label = pretty_model_name(model.get("name", "?"))
-    if model.get("shortcut") and not is_plain(config):
+    if model.get("shortcut") == "none" and "plain" not in str(model.get("name", "")):
+        label += " (no shortcuts)"  # a residual family made plain: not the ResNet its name says
+    elif model.get("shortcut") and not is_plain(config):
         label += f" ({model['shortcut']})"
     return label
 

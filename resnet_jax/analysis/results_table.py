@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 
 from resnet_jax import cli
 from resnet_jax.analysis import common
-from resnet_jax.config import NON_RESULT_KEYS, flatten_config
+from resnet_jax.config import NON_RESULT_KEYS, flat_settings
 from resnet_jax.errors import UserError, describe
 from resnet_jax.logbook import METRICS_FILE, read_metrics
 from resnet_jax.workdir import CONFIG_FILE, result_path
@@ -226,7 +226,7 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
             log.warning(
                 "%s is unfinished: its last eval is at step %d of %d (shown in 'iterations')", wd, final[0], total
             )
-        runs.append((str(wd), cfg, flatten_config(cfg), final))
+        runs.append((str(wd), cfg, flat_settings(cfg), final))
     keys = sorted({k for _, _, flat, _ in runs for k in flat})
     varying = [
         k
