@@ -311,7 +311,23 @@ def param_sharding(mesh, shape, shard: bool) -> NamedSharding:
 
 @dataclasses.dataclass
 class Trainer:
-    """Everything a run compiles once: mesh, model graph, optimizer and the jitted steps."""
+    """Everything a run compiles once: mesh, model graph, optimizer and the jitted steps.
+
+    ``train_and_evaluate`` drives it; a loop of one's own uses it the same way::
+
+        trainer = Trainer.for_config(config)
+        state = trainer.init_state()
+        batches = data.prefetch(
+            data.train_batches(config.dataset, global_batch_size=config.batch_size, seed=0), trainer.batch_sharding
+        )
+        for _ in range(100):
+            state, metrics = trainer.train_step(state, next(batches))  # the old state is donated
+        trainer.evaluate(state)  # {"eval/loss", "eval/top1_acc", "eval/top5_acc"}
+        model = trainer.network(state)  # an nnx ResNet (eval mode) that shares no array with state
+
+    The step donates its input state: use only the state it returns, and take networks out of
+    it with ``network`` (a copy), not by merging its arrays into a model of one's own.
+    """
 
     config: Any
     info: data.DatasetInfo
@@ -370,6 +386,19 @@ class Trainer:
             donate_argnums=2,
             compiler_options=compiler_options(),
         )
+
+    @classmethod
+    def for_config(cls, config) -> Trainer:
+        """The Trainer of ``config``, with its dataset's facts (a TFDS dataset is prepared if needed)."""
+        info = data.get_info(config.dataset)
+        return cls(config, info, Durations.from_config(config, info.num_train))
+
+    def network(self, state) -> nnx.Module:
+        """The network of ``state`` in eval mode, on copies of its arrays (a later donating step
+        does not delete them)."""
+        # New buffers: nnx.merge's copy=True copies the Variables, not the arrays they hold.
+        params, stats = jax.tree.map(lambda a: jnp.array(a, copy=True), (state["params"], state["batch_stats"]))
+        return nnx.merge(self.graphdef_eval, params, stats)
 
     def _init(self, loaded=None):
         model = build_model(self.config, self.info.num_classes, seed=self.config.seed)

@@ -227,17 +227,47 @@ def test_compiler_options_per_backend(monkeypatch):
     assert train.compiler_options("cpu") == {}
 
 
-def tiny_trainer() -> train.Trainer:
+def tiny_trainer(num_examples: int | None = None) -> train.Trainer:
     """A Trainer of a width-4 cifar_resnet8 on 8x8 synthetic images, batch 8."""
-    from resnet_jax import data
     from resnet_jax.config import get_base_config
-    from resnet_jax.schedules import Durations
 
     config = get_base_config()
     config.model.name, config.model.width, config.batch_size = "cifar_resnet8", 4, 8
     config.dataset.name, config.dataset.image_size, config.dataset.num_classes = "synthetic", 8, 10
-    info = data.get_info(config.dataset)
-    return train.Trainer(config, info, Durations.from_config(config, info.num_train))
+    config.dataset.num_examples = num_examples or config.dataset.num_examples
+    return train.Trainer.for_config(config)
+
+
+def test_a_loop_of_ones_own_as_the_trainer_docstring_writes_it():
+    """Trainer.for_config, init_state, train_step over prefetched batches, evaluate and network:
+    a network taken out between steps survives the next (donating) step, and its predictions are
+    the ones evaluate counts."""
+    from resnet_jax import data
+
+    trainer = tiny_trainer(num_examples=40)
+    config = trainer.config
+    state = trainer.init_state()
+    batches = data.prefetch(
+        data.train_batches(config.dataset, global_batch_size=config.batch_size, seed=0), trainer.batch_sharding
+    )
+    state, metrics = trainer.train_step(state, next(batches))
+    early = trainer.network(state)
+    for _ in range(2):
+        state, metrics = trainer.train_step(state, next(batches))
+    batches.close()
+    assert int(state["step"]) == 3 and np.isfinite(float(metrics["train/loss"]))
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    assert np.all(np.isfinite(early(x)))  # its arrays were not donated away
+    model = trainer.network(state)
+    assert not np.allclose(early(x), model(x))  # two steps apart
+    correct = count = 0
+    for batch in data.eval_batches(config.dataset, global_batch_size=config.batch_size):
+        logits = model(data.model_input(batch["image"], trainer.info.pixels))
+        correct += int(np.sum((np.argmax(logits, -1) == batch["label"]) * batch["mask"]))
+        count += int(np.sum(batch["mask"]))
+    result = trainer.evaluate(state)
+    assert count == trainer.info.num_eval
+    assert result["eval/top1_acc"] == pytest.approx(correct / count)
 
 
 def test_the_trainer_compiles_its_steps_with_the_options(monkeypatch):

@@ -402,7 +402,7 @@ class RunLoader:
             ) from None
         finally:
             ckpt.close()
-        return self._network(state)
+        return self.trainer.network(state)
 
     def init(self):
         """The network as the run initialised it (the Trainer's own initialisation, from the run's
@@ -413,11 +413,6 @@ class RunLoader:
         """
         from resnet_jax import warm_start
 
-        return self._network(
+        return self.trainer.network(
             self.trainer.start_state(warm_start.from_config(self.config, self.trainer.weight_shapes()))
         )
-
-    def _network(self, state):
-        from flax import nnx
-
-        return nnx.merge(self.trainer.graphdef_eval, state["params"], state["batch_stats"], copy=True)
