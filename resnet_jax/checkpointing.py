@@ -14,9 +14,12 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-from resnet_jax.errors import UserError, first_line
+from resnet_jax.errors import DropMessages, UserError, first_line
 
 log = logging.getLogger("resnet_jax")
+# Orbax warns "Given directory is read only" whenever a checkpoint directory is opened for reading
+# (evaluate, the analysis tools, load_model, init_from), which is what read_only asks for.
+logging.getLogger("absl").addFilter(DropMessages("Given directory is read only"))
 
 BEST_METRIC = "eval/top1_acc"
 

@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from absl import app, flags
 
-from resnet_jax.errors import UserError, first_line
+from resnet_jax.errors import DropMessages, UserError, first_line
 
 EXIT_USAGE = 2
 
@@ -125,17 +125,6 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
     )
 
 
-class _DropMessages(logging.Filter):
-    """Drops log records that start with one of ``prefixes`` (harmless library chatter)."""
-
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
 def setup_logging() -> None:
     # TensorFlow (TFDS datasets) logs C++ INFO lines such as "This TensorFlow binary is optimized
     # to use available CPU instructions". On CPUs where it turns its oneDNN custom operations on
@@ -151,9 +140,9 @@ def setup_logging() -> None:
     logging.getLogger("resnet_jax").setLevel(logging.INFO)
     for noisy in ("absl", "jax._src", "orbax", "tensorflow", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Orbax says the first whenever a checkpoint directory is opened for reading (evaluate); TFDS
-    # the second before a dataset that is not prepared yet is (the error or preparation follows).
-    logging.getLogger("absl").addFilter(_DropMessages("Given directory is read only", "Variant folder"))
+    # TFDS says this before a dataset that is not prepared yet is (the error or preparation
+    # follows). (Orbax's "Given directory is read only": resnet_jax.checkpointing.)
+    logging.getLogger("absl").addFilter(DropMessages("Variant folder"))
 
 
 def _config_problem(e: BaseException) -> str:

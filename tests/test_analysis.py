@@ -367,11 +367,12 @@ def digits_run(tmp_path_factory):
     return wd
 
 
-def test_load_model_restores_the_run_without_its_dataset(digits_run, monkeypatch):
+def test_load_model_restores_the_run_without_its_dataset(digits_run, monkeypatch, caplog):
     """load_model gives the network of a checkpoint for inference: its predictions on the eval
     split reproduce the run's logged eval accuracy. The dataset facts come from run_info.json (so
     a run can be moved to a machine without its data); 'best' and int steps work; a step that is
-    not kept is named as such, not as damage."""
+    not kept is named as such, not as damage. Orbax's "Given directory is read only" (twice per
+    call before) is not logged."""
     import jax.numpy as jnp
 
     from resnet_jax import data
@@ -397,6 +398,7 @@ def test_load_model_restores_the_run_without_its_dataset(digits_run, monkeypatch
         correct, total = correct + hits.sum(), total + b["mask"].sum()
     (last,) = [r for r in read_metrics(digits_run) if "eval/top1_acc" in r and r["step"] == 3]
     assert correct / total == pytest.approx(last["eval/top1_acc"], abs=1e-6)
+    assert not [r for r in caplog.records if "read only" in r.getMessage()]
     with pytest.raises(UserError, match=r"no checkpoint at step 7; kept steps: \[3\]"):
         load_model(digits_run, 7)
     monkeypatch.undo()

@@ -289,7 +289,7 @@ def _run(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0, or 2 after a one-line ``error: ...``)."""
     args = _parser().parse_args(argv)
-    cli.setup_logging()  # e.g. Orbax's "Given directory is read only" on opening the checkpoints
+    cli.setup_logging()
     return common.run_main(lambda: _run(args))
 
 
