@@ -214,3 +214,45 @@ def test_a_resumed_run_does_not_read_its_source(tmp_path):
     p = run_cli("resnet_jax.train", *args[:-1], f"--workdir={tmp_path / 'new'}", "--config.num_steps=2")
     assert_one_line_error(p, f"config.init_from.path={src}: no such directory", max_lines=1)
     assert not (tmp_path / "new").exists()
+
+
+def test_two_processes_start_from_the_same_weights(source, tmp_path):
+    """A real 2-process run (2 devices each, parameters sharded over the 4): every process reads
+    the source on its own host and the run starts from it. At a learning rate of 1e-30 the first
+    step changes no parameter, so the saved step 1 holds the source's parameters bit for bit."""
+    from test_train import run_processes
+
+    from resnet_jax.analysis.common import load_model
+
+    saved, path = source
+    args = [
+        "--config=experiments/digits.py",
+        "--config.model.name=cifar_resnet8",
+        "--config.model.width=4",
+        "--config.dataset.name=synthetic",
+        "--config.dataset.image_size=8",
+        "--config.dataset.num_classes=10",
+        "--config.dataset.num_examples=64",
+        "--config.batch_size=8",
+        "--config.num_steps=1",
+        "--config.learning_rate=1e-30",
+        "--config.warmup_epochs=0",
+        "--config.shard_params=true",
+        "--config.progress_bar=false",
+        "--config.plot_curves=false",
+        f"--config.init_from.path={path}",
+        f"--workdir={tmp_path / 'run'}",
+    ]
+    for i, (rc, err) in enumerate(run_processes(args, timeout=240)):
+        assert rc == 0, (i, err[-3000:])
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["init_from"]["step"] == 5
+    model, step = load_model(tmp_path / "run")
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    ours = {
+        warm_start.dotted(p): np.asarray(a)
+        for p, a in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]
+    }
+    theirs = {warm_start.dotted(p): np.asarray(a) for p, a in jax.tree_util.tree_flatten_with_path(saved["params"])[0]}
+    assert step == 1 and ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
