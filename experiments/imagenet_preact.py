@@ -13,7 +13,7 @@ batch 256, lr 0.1 /10 at epochs 30, 60, 90 of 120, wd 1e-4, momentum 0.9, scale 
 [256, 480] with AlexNet's colour augmentation, the bottleneck stride on the first 1x1 conv. The
 320 crops are taken as the 224 ones are: the shorter side resized to 320 * 256 / 224 = 366, then
 the centre crop (the paper does not say how it resized). The results table shows the 224 (or
-10-crop) error; the 320 one is in eval_<step>_320px.json.
+10-crop) error and, in a row of its own, the 320 one (eval_<step>_320px.json) beside the paper's.
 Compute: ResNet-200 14.78 GMACs per 224 image forward (30.15 at 320), 64.7M parameters; about
 13.6 EFLOP for 120 epochs (forward + backward = 3x forward, 2 FLOP per multiply-add). Activations
 at batch 256 are large: --config.model.remat=true trades compute for memory.

@@ -312,6 +312,33 @@ def test_results_table_uses_ten_crop_results_for_imagenet(tmp_path, capsys):
     assert "eval_400_10crop.json is not an evaluate result" in one_line_error(capsys)
 
 
+def test_results_table_shows_other_test_sizes_as_their_own_rows(tmp_path, capsys):
+    """Paper 2 tests its ResNet-200s on 320 crops: evaluate --eval_image_size=320 writes
+    eval_<step>_320px.json, a row of its own with the size in a "test size" column, and only that
+    row carries the paper's 320-crop number. Files of another step are not read."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        fake_run(root / f"s{seed}", model="preact_resnet200", dataset="imagenet2012", acc=0.77, seed=seed)
+        (root / f"s{seed}" / "eval_400_320px.json").write_text(json.dumps({"eval/top1_acc": 0.79 + seed / 100}))
+    (root / "s0" / "eval_400_10crop_320px.json").write_text(json.dumps({"eval/top1_acc": 0.81}))
+    (root / "s1" / "eval_200_320px.json").write_text(json.dumps({"eval/top1_acc": 0.99}))
+    rows = results_table.collect(results_table.find_workdirs(root))
+    by = {(r.test_size, r.views): r for r in rows}
+    assert sorted(by, key=str) == sorted([(None, 1), (320, 1), (320, 10)], key=str)
+    assert by[(None, 1)].errors == pytest.approx([23.0, 23.0]) and by[(None, 1)].paper is None
+    assert sorted(by[(320, 1)].errors) == pytest.approx([20.0, 21.0])
+    assert by[(320, 1)].paper.error == 20.7 and by[(320, 10)].paper.error == 20.7
+    assert by[(320, 10)].errors == pytest.approx([19.0]) and by[(320, 10)].n == 1
+    md = results_table.to_markdown(rows).splitlines()
+    assert "| test size |" in md[0]
+    assert any("| as trained | 23.00 ± 0.00 | – |" in ln for ln in md)
+    assert any("| 1 | 320 | 20.50 ± 0.71 | 20.70 (320 crop) |" in ln for ln in md)
+    assert "test size" not in results_table.to_markdown([by[(None, 1)]])  # only when some row has one
+    (root / "s0" / "eval_400_320px.json").write_text("[]")
+    assert results_table.main(["--root", str(root)]) == 2
+    assert "eval_400_320px.json is not an evaluate result" in one_line_error(capsys)
+
+
 @pytest.mark.parametrize("module", [layer_responses, gradient_flow, curves, results_table])
 def test_cli_errors_are_one_line(module, tmp_path, capsys):
     argv = ["--runs", str(tmp_path / "missing")]

@@ -4,6 +4,9 @@ Each run's final test error is ``100 * (1 - eval/top1_acc)`` of the last eval ro
 ``metrics.jsonl`` (the run's own ``dataset.eval_crops`` views), or, where ``python -m
 resnet_jax.evaluate --eval_crops=10`` has written ``eval_<step>_10crop.json`` for that step, of
 the 10-crop result: the papers' ImageNet protocol. The "test views" column says which (1 or 10).
+Results of ``evaluate --eval_image_size=N`` (``eval_<step>[_10crop]_<N>px.json``, paper 2's 320
+crops) are rows of their own, with N in a "test size" column; a paper's number stands beside the
+rows of the protocol it was measured with.
 Runs are grouped by their configuration minus the seed: the group key is the test views, the
 dataset, the model name, the shortcut kind (the family's default when not set), and every other
 config key whose value differs between the runs given, except keys that cannot change the result
@@ -33,6 +36,7 @@ import json
 import logging
 import math
 import pathlib
+import re
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
@@ -53,6 +57,7 @@ class PaperNumber:
 
     error: float
     note: str = ""
+    test_size: int | None = None  # the crop side it was tested at, when not the training size
 
     def __str__(self) -> str:
         return f"{self.error:.2f}" + (f" ({self.note})" if self.note else "")
@@ -94,8 +99,8 @@ PAPER: dict[tuple[str, str, str], PaperNumber] = {
     ("imagenet2012", "resnet101", "B"): PaperNumber(21.75, "10-crop"),
     ("imagenet2012", "resnet152", "B"): PaperNumber(21.43, "10-crop"),
     # Paper 2, ImageNet, single 320x320 crop.
-    ("imagenet2012", "preact_resnet200", "B"): PaperNumber(20.7, "320 crop"),
-    ("imagenet2012", "resnet200", "B"): PaperNumber(21.8, "320 crop"),
+    ("imagenet2012", "preact_resnet200", "B"): PaperNumber(20.7, "320 crop", test_size=320),
+    ("imagenet2012", "resnet200", "B"): PaperNumber(21.8, "320 crop", test_size=320),
 }
 
 # Shown in their own columns.
@@ -113,6 +118,7 @@ class Row:
       shortcut: the shortcut kind used.
       setting: the config keys that set this group apart from the others (``key=value, ...``).
       views: the test views of each error: 1, or 10 (10-crop testing).
+      test_size: the crop side of ``evaluate --eval_image_size`` (None: the run's own eval size).
       errors: each run's final test error, %.
       steps: each run's final eval step.
       workdirs: the runs.
@@ -124,6 +130,7 @@ class Row:
     shortcut: str
     setting: str
     views: int
+    test_size: int | None
     errors: list[float]
     steps: list[int]
     workdirs: list[str]
@@ -178,6 +185,29 @@ def final_test_error(workdir: str | pathlib.Path, eval_crops: int = 1) -> tuple[
     return step, 100.0 * (1.0 - acc), views
 
 
+_SIZED = re.compile(r"eval_(\d+)(_10crop)?_(\d+)px\.json")
+
+
+def other_size_results(workdir: str | pathlib.Path, step: int) -> list[tuple[int, float, int, int]]:
+    """``(step, error in %, test views, test size)`` for each ``evaluate --eval_image_size`` result
+    of ``step`` (``eval_<step>[_10crop]_<N>px.json``), smallest size first.
+
+    Raises:
+      UserError: a result file is not readable JSON with ``eval/top1_acc``.
+    """
+    out = []
+    for path in sorted(pathlib.Path(workdir).glob(f"eval_{step}_*px.json")):
+        m = _SIZED.fullmatch(path.name)
+        if not m or int(m.group(1)) != step:
+            continue
+        try:
+            acc = float(json.loads(path.read_text())["eval/top1_acc"])
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{path} is not an evaluate result ({describe(e)}); fix or move it away") from None
+        out.append((step, 100.0 * (1.0 - acc), 10 if m.group(2) else 1, int(m.group(3))))
+    return sorted(out, key=lambda r: (r[3], r[2]))
+
+
 def find_workdirs(root: str | pathlib.Path) -> list[pathlib.Path]:
     """Every run directory under ``root`` (``root`` included): the folders holding a ``config.json``."""
     root = pathlib.Path(root)
@@ -197,6 +227,7 @@ def _sort_key(row: Row) -> tuple:
         common.model_depth(row.model_name) or 0,
         row.shortcut,
         row.setting,
+        row.test_size or 0,
         row.views,
     )
 
@@ -226,7 +257,8 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
             log.warning(
                 "%s is unfinished: its last eval is at step %d of %d (shown in 'iterations')", wd, final[0], total
             )
-        runs.append((str(wd), cfg, flat_settings(cfg), final))
+        runs.append((str(wd), cfg, flat_settings(cfg), (*final, None)))
+        runs += [(str(wd), cfg, flat_settings(cfg), r) for r in other_size_results(wd, final[0])]
     keys = sorted({k for _, _, flat, _ in runs for k in flat})
     varying = [
         k
@@ -236,15 +268,17 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
         and len({flat.get(k, "<unset>") for _, _, flat, _ in runs}) > 1
     ]
     groups: dict[tuple, Row] = {}
-    for wd, cfg, flat, (step, error, views) in runs:
+    for wd, cfg, flat, (step, error, views, size) in runs:
         dataset = str(cfg.get("dataset", {}).get("name", "?"))
         name = str(cfg.get("model", {}).get("name", "?"))
         shortcut = common.resolved_shortcut(cfg)
         setting = ", ".join(f"{k}={json.loads(flat[k]) if k in flat else 'unset'}" for k in varying)
-        key = (dataset, name, shortcut, setting, views)
+        key = (dataset, name, shortcut, setting, views, size)
         if key not in groups:
             paper = PAPER.get((dataset, name, shortcut))
-            groups[key] = Row(dataset, name, shortcut, setting, views, [], [], [], paper)
+            # Beside the results of the protocol it was measured with only (paper 2's 320 crops).
+            paper = paper if paper is not None and paper.test_size == size else None
+            groups[key] = Row(dataset, name, shortcut, setting, views, size, [], [], [], paper)
         groups[key].errors.append(error)
         groups[key].steps.append(step)
         groups[key].workdirs.append(wd)
@@ -252,16 +286,17 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
 
 
 _HEADER = (
-    "dataset", "model", "shortcut", "setting", "seeds", "iterations", "test views", "test error (%)", "paper (%)",
+    "dataset", "model", "shortcut", "setting", "seeds", "iterations", "test views", "test size", "test error (%)",
+    "paper (%)",
 )  # fmt: skip
-_NUMERIC = ("seeds", "iterations", "test views", "test error (%)", "paper (%)")
+_NUMERIC = ("seeds", "iterations", "test views", "test size", "test error (%)", "paper (%)")
 
 
 def _cells(row: Row, pm: str) -> list[str]:
     paper = str(row.paper) if row.paper else "–"
     return [
         row.dataset, row.model, row.shortcut, row.setting, str(row.n), row.steps_text(), str(row.views),
-        row.error_text(pm), paper,
+        str(row.test_size) if row.test_size else "as trained", row.error_text(pm), paper,
     ]  # fmt: skip
 
 
@@ -271,6 +306,7 @@ def _columns(rows: Sequence[Row]) -> list[int]:
     shown = {
         "setting": any(r.setting for r in rows),
         "test views": any(r.views != 1 or r.dataset == "imagenet2012" for r in rows),
+        "test size": any(r.test_size for r in rows),
     }
     return [i for i, h in enumerate(_HEADER) if shown.get(h, True)]
 
@@ -280,7 +316,9 @@ def to_markdown(rows: Sequence[Row]) -> str:
     cols = _columns(rows)
     lines = ["| " + " | ".join(_HEADER[i] for i in cols) + " |"]
     lines.append(
-        "|" + "|".join("---:" if _HEADER[i] in ("seeds", "iterations", "test views") else "---" for i in cols) + "|"
+        "|"
+        + "|".join("---:" if _HEADER[i] in ("seeds", "iterations", "test views", "test size") else "---" for i in cols)
+        + "|"
     )
     for r in rows:
         cells = _cells(r, "±")
