@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -141,7 +142,7 @@ def _clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {str(k)[len(prefix) :]: v for k, v in state_dict.items() if not str(k).endswith("num_batches_tracked")}
 
 
-def load_torchvision(model: ResNet, state_dict: Mapping[str, Any]) -> ResNet:
+def load_torchvision(model: ResNet, state_dict: Mapping[str, Any], *, keep_head: bool = False) -> ResNet:
     """Loads a torchvision ResNet ``state_dict`` into ``model`` in place.
 
     Every parameter and batch statistic of ``model`` is filled exactly once, so ``model`` may be an
@@ -150,9 +151,12 @@ def load_torchvision(model: ResNet, state_dict: Mapping[str, Any]) -> ResNet:
 
     Args:
       model: a ``resnet18/34/50/101/152`` from ``create_model`` with ``shortcut='B'`` (the default)
-        and ``stride_in='3x3'``; ``num_classes`` must match the state_dict's ``fc``.
+        and ``stride_in='3x3'``; ``num_classes`` must match the state_dict's ``fc`` unless
+        ``keep_head``.
       state_dict: torchvision's ``model.state_dict()``, or ``torch.load`` of a ``.pth``; values are
         torch tensors or numpy arrays. A ``module.`` prefix on every key is removed.
+      keep_head: leave ``model.fc`` as it is and ignore torchvision's ``fc`` (fine-tuning on
+        another number of classes); ``model`` must then be an initialised one (``create_model``).
 
     Returns:
       ``model``, for chaining.
@@ -163,6 +167,11 @@ def load_torchvision(model: ResNet, state_dict: Mapping[str, Any]) -> ResNet:
     _check_architecture(model)
     source = _clean_state_dict(state_dict)
     flat = nnx.to_flat_state(nnx.state(model))
+    if keep_head:
+        if any(isinstance(v.get_value(), jax.ShapeDtypeStruct) for p, v in flat if p[0] == "fc"):
+            raise UserError("keep_head=True keeps model.fc, which is abstract here: build the model with create_model")
+        used_head = {k for k in source if k.startswith("fc.")}
+        flat = [(p, v) for p, v in flat if p[0] != "fc"]
     filled, used, missing, unmapped, errors = [], set(), set(), [], []
     for path, var in flat:
         target = var.get_value()
@@ -195,7 +204,7 @@ def load_torchvision(model: ResNet, state_dict: Mapping[str, Any]) -> ResNet:
         )
     if missing:
         raise UserError(f"state_dict lacks {len(missing)} key(s) the model needs: {_listing(missing)}")
-    leftover = set(source) - used
+    leftover = set(source) - used - (used_head if keep_head else set())
     if leftover:
         raise UserError(f"state_dict has {len(leftover)} key(s) the model does not use: {_listing(leftover)}")
     if errors:

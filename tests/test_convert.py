@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from resnet_jax.convert import load_converted, load_torchvision
 from resnet_jax.convert import main as convert_main
 from resnet_jax.errors import UserError
+from resnet_jax.models import create_model
 from resnet_jax.summary import abstract_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +149,24 @@ def test_load_errors(torch):
     # A DataParallel "module." prefix is stripped; num_batches_tracked is ignored (it is in sd).
     assert any(k.endswith("num_batches_tracked") for k in sd)
     load_torchvision(fresh(), {f"module.{k}": v for k, v in sd.items()})
+
+
+def test_keep_head_loads_the_trunk_for_another_number_of_classes(torch):
+    """keep_head=True: torchvision's trunk into a 10-class model whose fc stays as initialised;
+    the pooled features are torchvision's (its fc replaced by the identity)."""
+    tv = _torchvision("resnet18", torch, seed=4).eval()
+    model = create_model("resnet18", num_classes=10, rngs=nnx.Rngs(0))
+    fc_before = np.array(model.fc.kernel[...])
+    load_torchvision(model, tv.state_dict(), keep_head=True)
+    np.testing.assert_array_equal(model.fc.kernel[...], fc_before)
+    model.eval()
+    x = _images(seed=1)
+    tv.fc = torch.nn.Identity()
+    with torch.no_grad():
+        ref = tv(_nchw(torch, x)).numpy()
+    assert _rel_err(np.asarray(model.features(x)), ref) < 1e-4
+    with pytest.raises(UserError, match="keep_head=True keeps model.fc, which is abstract here"):
+        load_torchvision(abstract_model("resnet18", num_classes=10), tv.state_dict(), keep_head=True)
 
 
 def _run_cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
