@@ -42,9 +42,9 @@ def step_item_dir(workdir: str | pathlib.Path, step: int) -> pathlib.Path:
 
 
 def has_checkpoints(workdir: str | pathlib.Path) -> bool:
-    """Whether the run has a complete checkpoint step (plain file checks, no Orbax)."""
+    """Whether the run has a finalised checkpoint step (as Orbax lists them; no manager opened)."""
     d = checkpoint_dir(workdir)
-    return d.is_dir() and any(p.name.isdigit() and p.is_dir() for p in d.iterdir())
+    return d.is_dir() and bool(ocp.utils.checkpoint_steps(d))
 
 
 def damaged_dir(workdir: str | pathlib.Path) -> pathlib.Path:

@@ -550,25 +550,36 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
             info = data.get_info(config.dataset)
             durations = Durations.from_config(config, info.num_train)
             trainer = Trainer(config, info, durations)  # model and batch/device errors, before any write
-            # The source of trained weights is read only to start a run: a resumed run has its own.
-            warm = None
+            # The source of trained weights is read only to start a run (a resumed run has its own),
+            # and read whole here, before the workdir is touched: a damaged source is refused with
+            # nothing written, and with --fresh the source may lie in the files set aside.
+            warm = loaded = None
             if fresh or not has_checkpoints(workdir):
                 warm = warm_start.from_config(config, trainer.weight_shapes())
+                loaded = warm.load() if warm is not None else None
             if lead:
                 wd.open(config.to_dict(), fresh=fresh)
         except Exception as e:  # noqa: BLE001 - re-raised by agree_on_start_up, after the other processes learn of it
             problem = e
         agree_on_start_up(problem)
+        warm_start.agree_on_source(warm)
         ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
         state, step = ckpt.restore_latest(trainer.abstract_state)
         if state is None:
-            if warm is None:  # step folders Orbax does not count as saved: a start after all
-                warm = warm_start.from_config(config, trainer.weight_shapes())
-            state = trainer.start_state(warm)
+            if warm is None and config.get("init_from", {}).get("path") is not None:
+                # (has_checkpoints listed steps that the manager then did not: never silently random.)
+                raise UserError(f"{ckpt.directory} holds step folders that are not checkpoints; move them away")
+            state = trainer.init_state(loaded)
+            loaded = None  # (host copies: not kept for the whole run)
             if warm is not None and lead:
                 log.info("%s", warm_start.describe(warm))
         elif lead:
             log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
+            if config.get("init_from", {}).get("path") is not None:
+                log.warning(
+                    "config.init_from.path is not read: the run continues from its own checkpoint "
+                    "(run_info.json records what step 0 started from)"
+                )
         if lead:
             for warning in durations.warnings(config):
                 log.warning("%s", warning)

@@ -79,7 +79,9 @@ def open_source(path: str | pathlib.Path, checkpoint: str | int = "latest") -> S
             f"{label}: no such directory; give a run's workdir or a directory written by resnet_jax.convert"
         )
     if (root / METADATA_FILE).is_file() and (root / CHECKPOINT_SUBDIR).is_dir():
-        return Source(root, "converted", root / CHECKPOINT_SUBDIR, None, _read_json(root / METADATA_FILE, label))
+        meta = _read_json(root / METADATA_FILE, label)
+        options = meta.get("options") if isinstance(meta.get("options"), dict) else {}
+        return Source(root, "converted", root / CHECKPOINT_SUBDIR, None, {**options, "name": meta.get("name")})
     if not (root / CONFIG_FILE).is_file():
         raise UserError(
             f"{label} is neither a run's workdir (config.json) nor converted weights ({METADATA_FILE}); "
@@ -125,12 +127,15 @@ def _stored_leaves(source: Source) -> dict[str, tuple[str, Any]]:
     import jax
     import orbax.checkpoint as ocp
 
+    from resnet_jax.checkpointing import drained_event_loops, restore_problem
+
     try:
         # The handler reads the tree's metadata itself (a Checkpointer also looks for a
         # step-level metadata file, which a CheckpointManager writes one level up, and warns).
-        tree = dict(ocp.PyTreeCheckpointHandler().metadata(source.item_dir))
+        with drained_event_loops():
+            tree = dict(ocp.PyTreeCheckpointHandler().metadata(source.item_dir))
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same answer
-        raise UserError(f"cannot read {source.item_dir} ({first_line(e, limit=200)}); is it damaged?") from None
+        raise UserError(f"cannot read {source.item_dir} ({restore_problem(e)}); is it damaged?") from None
     if source.kind == "run":
         tree = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
     out = {}
@@ -182,15 +187,18 @@ class WarmStart:
         metas = {tuple(stored.split(".")): self.stored[name][1] for stored, name in wanted.items()}
         zeros = traverse_util.unflatten_dict({k: np.zeros(m.shape, m.dtype) for k, m in metas.items()})
         args = traverse_util.unflatten_dict({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in metas})
+        from resnet_jax.checkpointing import drained_event_loops, restore_problem
+
         try:
-            with ocp.PyTreeCheckpointer() as checkpointer:
+            # (As Checkpointer.restore: the failed reads of a damaged file end before the error.)
+            with drained_event_loops(), ocp.PyTreeCheckpointer() as checkpointer:
                 restored = checkpointer.restore(
                     self.source.item_dir,
                     args=ocp.args.PyTreeRestore(item=zeros, restore_args=args, partial_restore=True),
                 )
         except Exception as e:  # noqa: BLE001 - truncated or missing files
             raise UserError(
-                f"cannot read the weights in {self.source.item_dir} ({first_line(e, limit=200)}); is it damaged?"
+                f"cannot read the weights in {self.source.item_dir} ({restore_problem(e)}); is it damaged?"
             ) from None
         arrays = {}
         for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
@@ -271,6 +279,33 @@ def from_config(config, targets: Mapping[str, tuple]) -> WarmStart | None:
         return None
     source = open_source(init["path"], init.get("checkpoint", "latest"))
     return plan(source, config.model.to_dict(), targets, init.get("head", "auto"))
+
+
+def from_record(record: Mapping[str, Any], config, targets: Mapping[str, tuple]) -> WarmStart:
+    """The plan that reproduces a run's step 0 from its run_info.json ``init_from`` record: the
+    same checkpoint step (not the source's 'latest' of today) and the same head decision."""
+    checkpoint = record.get("step") if record.get("kind") == "run" else "latest"
+    source = open_source(record["path"], "latest" if checkpoint is None else checkpoint)
+    return plan(source, config.model.to_dict(), targets, "reset" if record.get("head") == "new" else "load")
+
+
+def agree_on_source(warm: WarmStart | None) -> None:
+    """Refuses a start where the processes of a multi-host run chose different source steps
+    ('latest' or 'best' of a run that saved a new checkpoint meanwhile): their replicas of the
+    weights would silently differ. All processes call it together (it is a collective)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    step = -1 if warm is None or warm.source.step is None else warm.source.step
+    steps = np.ravel(multihost_utils.process_allgather(np.int64(step)))
+    if len(set(steps.tolist())) > 1:
+        raise UserError(
+            f"the processes read different checkpoints of config.init_from.path (steps {steps.tolist()}): "
+            "it saved a new one meanwhile; start again, or name a step with config.init_from.checkpoint"
+        )
 
 
 def describe(warm: WarmStart) -> str:

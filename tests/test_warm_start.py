@@ -183,37 +183,91 @@ def test_bad_sources_are_refused(source, tmp_path):
 
 def test_a_resumed_run_does_not_read_its_source(tmp_path):
     """The command line end to end: a run started from another run's weights records where they
-    came from; resumed after the source is gone, it continues from its own checkpoint and keeps
-    the record."""
+    came from (the analysis tools' step 0 follows that record, not the source's newer
+    checkpoints); resumed after the source is gone, it continues from its own checkpoint, says
+    that init_from is not read, and keeps the record. --fresh may start from the run's own
+    checkpoint (read before it is set aside)."""
+    from resnet_jax.analysis.common import RunLoader, load_model
+
     src, dst = tmp_path / "src", tmp_path / "dst"
     short = [a for a in SHORT if not a.startswith(("--config.num_steps", "--config.checkpoint_every"))]
-    p = run_cli("resnet_jax.train", *short, "--config.num_steps=2", "--config.plot_curves=false", f"--workdir={src}")
+    short.append("--config.plot_curves=false")
+    p = run_cli("resnet_jax.train", *short, "--config.num_steps=2", f"--workdir={src}")
     assert p.returncode == 0, p.stderr[-3000:]
-    args = [*short, "--config.plot_curves=false", f"--config.init_from.path={src}", f"--workdir={dst}"]
+    args = [*short, f"--config.init_from.path={src}", f"--workdir={dst}"]
     p = run_cli("resnet_jax.train", *args, "--config.num_steps=2")
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"initialised from checkpoint 2 of the run {src} (cifar_resnet8), with its head" in p.stderr
     record = json.loads((dst / "run_info.json").read_text())["init_from"]
     assert record == {"path": str(src), "kind": "run", "step": 2, "model": "cifar_resnet8", "head": "loaded"}
-    # The analysis tools' "network at initialisation" of this run is the source's trained one.
-    from resnet_jax.analysis.common import RunLoader, load_model
-
-    trained, _ = load_model(src)
-    at_init = RunLoader(dst).init()
-    np.testing.assert_array_equal(
-        at_init.stages[1].blocks[0].conv1.kernel[...], trained.stages[1].blocks[0].conv1.kernel[...]
-    )
+    # The source trains on: step 0 of dst is still its checkpoint 2, not its new latest.
+    p = run_cli("resnet_jax.train", *short, "--config.num_steps=4", f"--workdir={src}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    at_init, then, now = RunLoader(dst).init(), load_model(src, 2)[0], load_model(src, 4)[0]
+    kernel = lambda m: np.asarray(m.stages[1].blocks[0].conv1.kernel[...])  # noqa: E731
+    np.testing.assert_array_equal(kernel(at_init), kernel(then))
+    assert not np.array_equal(kernel(then), kernel(now))
     shutil.rmtree(src)
     with pytest.raises(UserError, match="no such directory"):
         RunLoader(dst).init()
     p = run_cli("resnet_jax.train", *args, "--config.num_steps=4")
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "config.init_from.path is not read: the run continues from its own checkpoint" in p.stderr
     info = json.loads((dst / "run_info.json").read_text())
     assert info["resumed_from"] == 2 and info["init_from"] == record
     # A new run from the missing source is refused before its workdir is made.
     p = run_cli("resnet_jax.train", *args[:-1], f"--workdir={tmp_path / 'new'}", "--config.num_steps=2")
     assert_one_line_error(p, f"config.init_from.path={src}: no such directory", max_lines=1)
     assert not (tmp_path / "new").exists()
+    # --fresh from the run's own latest checkpoint: read before the files are set aside.
+    own = [*short, f"--config.init_from.path={dst}", f"--workdir={dst}", "--fresh", "--config.num_steps=2"]
+    p = run_cli("resnet_jax.train", *own)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((dst / "run_info.json").read_text())["init_from"]["step"] == 4
+    assert [d.name.startswith("old-") for d in dst.iterdir() if d.is_dir()].count(True) == 1
+
+
+def test_a_damaged_source_is_one_line_and_nothing_is_written(source, tmp_path):
+    """Truncated array files are found when the weights are read, which happens before the
+    workdir is made; Orbax's failed reads print nothing after the line."""
+    _, path = source
+    damaged = tmp_path / "damaged"
+    shutil.copytree(path, damaged)
+    files = [f for f in (damaged / "checkpoints").rglob("*") if f.is_file() and "/d/" in str(f)]
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[:10])
+    config = config_for()
+    config.init_from.path = str(damaged)
+    with pytest.raises(UserError, match="cannot read .*; is it damaged"):
+        warm_start.from_config(config, trainer_for(config).weight_shapes()).load()
+    args = [
+        "--config=experiments/digits.py",
+        "--config.model.name=cifar_resnet8",
+        "--config.model.width=4",
+        "--config.dataset.name=synthetic",
+        "--config.dataset.image_size=8",
+        "--config.batch_size=8",
+        "--config.num_steps=1",
+        f"--config.init_from.path={damaged}",
+        f"--workdir={tmp_path / 'run'}",
+    ]
+    p = run_cli("resnet_jax.train", *args)
+    assert_one_line_error(p, f"cannot read {damaged}", "is it damaged?", max_lines=1)
+    assert not (tmp_path / "run").exists()
+
+
+def test_converted_options_are_checked_too(tmp_path):
+    """model.json keeps the options apart from the name: a plain (shortcut='none') network saved
+    with save_converted is not loaded into an option-A ResNet."""
+    model = create_model("cifar_resnet8", num_classes=10, width=4, shortcut="none", rngs=nnx.Rngs(0))
+    save_converted(
+        model, tmp_path / "conv", name="cifar_resnet8", num_classes=10, options={"width": 4, "shortcut": "none"}
+    )
+    config = config_for()
+    config.init_from.path = str(tmp_path / "conv")
+    with pytest.raises(UserError, match="shortcut none there, A here"):
+        start(config)
 
 
 def test_two_processes_start_from_the_same_weights(source, tmp_path):

@@ -413,6 +413,10 @@ class RunLoader:
         """
         from resnet_jax import warm_start
 
-        return self.trainer.network(
-            self.trainer.start_state(warm_start.from_config(self.config, self.trainer.weight_shapes()))
-        )
+        targets = self.trainer.weight_shapes()
+        record = run_info(self.workdir).get("init_from")  # the step it read then, not today's latest
+        if record:
+            warm = warm_start.from_record(record, self.config, targets)
+        else:
+            warm = warm_start.from_config(self.config, targets)
+        return self.trainer.network(self.trainer.start_state(warm))
