@@ -63,6 +63,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.init_from.path = config_dict.placeholder(str)
     c.init_from.checkpoint = "latest"
     c.init_from.head = "auto"
+    # Which parameters train: all | head (a linear probe: the network frozen, BatchNorm on its
+    # running statistics, only fc updated; usually with init_from).
+    c.trainable = "all"
 
     c.batch_size = 256  # global, over all devices and hosts
     c.num_epochs = 90.0
@@ -219,6 +222,7 @@ CHOICES = {
     "lr_schedule": ("step", "cosine"),
     "warmup_kind": ("linear", "constant"),
     "optimizer": ("sgd", "lars"),
+    "trainable": ("all", "head"),
 }
 
 

@@ -14,9 +14,27 @@ def decay_mask(params, decay_bn_and_bias: bool):
     return jax.tree.map(lambda p: decay_bn_and_bias or p.ndim > 1, params)
 
 
+HEAD = "fc"  # the parameters config.trainable='head' trains
+
+
+def head_labels(params):
+    """'train' for the head's parameters, 'frozen' for the others (top-level keys of ``params``)."""
+    return {k: jax.tree.map(lambda _, k=k: "train" if k == HEAD else "frozen", v) for k, v in params.items()}
+
+
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
     """Builds the optimizer described by ``config`` (``optimizer``, ``momentum``, ``nesterov``,
-    ``weight_decay``, ``decay_bn_and_bias``)."""
+    ``weight_decay``, ``decay_bn_and_bias``, ``trainable``)."""
+    tx = _optimizer(config, schedule)
+    if config.get("trainable", "all") == "head":
+        # A linear probe: only the head is updated (and decayed); the frozen parameters get zero
+        # updates and no optimizer state, and XLA drops the backward pass that only they need
+        # (cifar_resnet20, batch 128, 2-core CPU: 0.05 s a step against 0.26-0.30 s for all).
+        return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, head_labels)
+    return tx
+
+
+def _optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
     mask = lambda params: decay_mask(params, config.decay_bn_and_bias)  # noqa: E731
     if config.optimizer == "sgd":
         # L2 added to the gradient before momentum, as in the papers (PyTorch's SGD weight_decay).

@@ -348,7 +348,9 @@ class Trainer:
         self.schedule = learning_rate_schedule(config, self.durations)
         self.tx = make_optimizer(config, self.schedule)
         model = nnx.eval_shape(lambda: build_model(config, self.info.num_classes))
-        model.train()
+        # A linear probe (trainable='head') trains the head on the frozen network's features:
+        # BatchNorm keeps normalising with, and keeping, its running statistics.
+        model.train() if config.get("trainable", "all") == "all" else model.eval()
         self.graphdef_train = nnx.graphdef(model)
         model.eval()
         self.graphdef_eval = nnx.graphdef(model)

@@ -18,17 +18,22 @@ from resnet_jax.logbook import write_atomic
 CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run_info.json"
 LOCK_FILE = ".lock"
-# Keys that must match to resume: other keys (lr, steps, logging) may change between restarts.
-IDENTITY_KEYS = ("model", "dataset.name", "dataset.image_size", "dataset.num_classes")
+# Keys that must match to resume (with every key below them): other keys (lr, steps, logging) may
+# change between restarts. trainable: a linear probe's optimizer state has another structure.
+IDENTITY_KEYS = ("model", "dataset.name", "dataset.image_size", "dataset.num_classes", "trainable")
 # What --fresh sets aside (into ``old-<time>/``): everything a run writes, so the new one starts clean.
 RUN_OUTPUTS = ("checkpoints", "checkpoints-damaged", CONFIG_FILE, RUN_INFO_FILE, "metrics.jsonl", "curves.png")
 RUN_OUTPUT_PATTERNS = ("events.out.tfevents.*", "eval_*.json")
 
 
-def _get(cfg: dict, dotted: str):
-    for part in dotted.split("."):
-        cfg = cfg.get(part) if isinstance(cfg, dict) else None
-    return cfg
+def _identity_changes(previous: dict, config_dict: dict) -> list[str]:
+    """The identity keys (or keys below them) whose values differ; a key the recorded config
+    lacks (a run from before the key existed) counts as its default (``config.flat_settings``)."""
+    from resnet_jax.config import flat_settings
+
+    old, new = flat_settings(previous), flat_settings(config_dict)
+    changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+    return [i for i in IDENTITY_KEYS if any(k == i or k.startswith(i + ".") for k in changed)]
 
 
 def git_commit() -> str | None:
@@ -88,11 +93,13 @@ class Workdir:
             if not fresh and old.exists() and ckpts.exists() and any(ckpts.iterdir()):
                 try:
                     previous = json.loads(old.read_text())
+                    if not isinstance(previous, dict):
+                        raise ValueError("not a JSON object")
                 except (OSError, ValueError) as e:
                     raise UserError(
                         f"{old} cannot be read ({e}); pass --fresh to set this run aside and start over"
                     ) from None
-                diff = [k for k in IDENTITY_KEYS if _get(previous, k) != _get(config_dict, k)]
+                diff = _identity_changes(previous, config_dict)
                 if diff:
                     raise UserError(
                         f"workdir {self.path} holds checkpoints of a different run ({', '.join(diff)} differ); "

@@ -396,6 +396,28 @@ def test_a_file_where_the_checkpoints_go_is_refused_before_anything_is_written(t
     assert {k: v for k, v in snapshot(tmp_path).items() if k != ".lock"} == before
 
 
+def test_resuming_compares_the_identity_keys_with_their_defaults(tmp_path):
+    """A run recorded before newer keys existed (its config.json lacks them) resumes with a
+    config that has them at their defaults; a changed identity key (trainable: another optimizer
+    state) is refused, naming it."""
+    from resnet_jax.config import get_base_config
+    from resnet_jax.errors import UserError
+    from resnet_jax.workdir import Workdir
+
+    (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+    config = get_base_config().to_dict()
+    older = {k: v for k, v in config.items() if k not in ("init_from", "trainable")}
+    older["model"] = {k: v for k, v in config["model"].items() if k != "space_to_depth_stem"}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    wd = Workdir(tmp_path)
+    wd.open(config, write=False)
+    wd.close()
+    with pytest.raises(UserError, match=r"holds checkpoints of a different run \(trainable differ\)"):
+        Workdir(tmp_path).open({**config, "trainable": "head"}, write=False)
+    with pytest.raises(UserError, match=r"\(model differ\)"):
+        Workdir(tmp_path).open({**config, "model": {**config["model"], "space_to_depth_stem": True}}, write=False)
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

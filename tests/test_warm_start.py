@@ -310,3 +310,21 @@ def test_two_processes_start_from_the_same_weights(source, tmp_path):
     assert step == 1 and ours.keys() == theirs.keys()
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def test_a_linear_probe_trains_the_head_only(source):
+    """trainable='head' from trained weights: after two steps every parameter but fc's and every
+    BatchNorm statistic is the source's, bit for bit (BN normalises with its running statistics);
+    fc moved; the optimizer keeps momentum for fc alone."""
+    saved, path = source
+    config = config_for()
+    config.init_from.path, config.trainable, config.learning_rate = str(path), "head", 0.5
+    warm, state, trainer = start(config)
+    momenta = [a for a in jax.tree.leaves(state["opt_state"]) if a.ndim]  # (the schedule's count aside)
+    assert sorted(a.shape for a in momenta) == sorted([(10,), (16, 10)])  # fc's bias and kernel
+    batches = data.train_batches(config.dataset, global_batch_size=8, seed=0)
+    for _ in range(2):
+        state, metrics = trainer.train_step(state, data.to_global(next(batches), trainer.batch_sharding))
+    ours, theirs = weights(state), weights(saved)
+    moved = sorted(n for n in ours if not np.array_equal(ours[n], theirs[n]))
+    assert moved == ["fc.bias", "fc.kernel"], moved
