@@ -273,6 +273,7 @@ def test_fresh_sets_the_old_run_aside(results):
         (["--config.warmup_kind=lin", "--workdir=/nonexistent/wd"], "config.warmup_kind='lin'"),
         (["--config.dataset.name=digitz", "--workdir=/nonexistent/wd"], "config.dataset.name='digitz'; use one of"),
         (["--config.dataset.eval_crops=3", "--workdir=/nonexistent/wd"], "config.dataset.eval_crops=3; use 1, or 10"),
+        (["--config.trainable=fc", "--workdir=/nonexistent/wd"], "config.trainable='fc'; use one of 'all', 'head'"),
         (
             ["--config.init_from.head=new", "--workdir=/nonexistent/wd"],
             "config.init_from.head='new'; use one of 'auto'",
