@@ -22,6 +22,19 @@ from resnet_jax.errors import UserError
 from resnet_jax.models import create_model
 from resnet_jax.schedules import Durations
 
+# The command line of config_for()'s network and data, one step.
+TINY_RUN = [
+    "--config=experiments/digits.py",
+    "--config.model.name=cifar_resnet8",
+    "--config.model.width=4",
+    "--config.dataset.name=synthetic",
+    "--config.dataset.image_size=8",
+    "--config.dataset.num_classes=10",
+    "--config.dataset.num_examples=64",
+    "--config.batch_size=8",
+    "--config.num_steps=1",
+]
+
 
 def config_for(name: str = "cifar_resnet8", num_classes: int = 10, **model):
     c = get_base_config()
@@ -241,18 +254,7 @@ def test_a_damaged_source_is_one_line_and_nothing_is_written(source, tmp_path):
     config.init_from.path = str(damaged)
     with pytest.raises(UserError, match="cannot read .*; is it damaged"):
         warm_start.from_config(config, trainer_for(config).weight_shapes()).load()
-    args = [
-        "--config=experiments/digits.py",
-        "--config.model.name=cifar_resnet8",
-        "--config.model.width=4",
-        "--config.dataset.name=synthetic",
-        "--config.dataset.image_size=8",
-        "--config.batch_size=8",
-        "--config.num_steps=1",
-        f"--config.init_from.path={damaged}",
-        f"--workdir={tmp_path / 'run'}",
-    ]
-    p = run_cli("resnet_jax.train", *args)
+    p = run_cli("resnet_jax.train", *TINY_RUN, f"--config.init_from.path={damaged}", f"--workdir={tmp_path / 'run'}")
     assert_one_line_error(p, f"cannot read {damaged}", "is it damaged?", max_lines=1)
     assert not (tmp_path / "run").exists()
 
@@ -280,15 +282,7 @@ def test_two_processes_start_from_the_same_weights(source, tmp_path):
 
     saved, path = source
     args = [
-        "--config=experiments/digits.py",
-        "--config.model.name=cifar_resnet8",
-        "--config.model.width=4",
-        "--config.dataset.name=synthetic",
-        "--config.dataset.image_size=8",
-        "--config.dataset.num_classes=10",
-        "--config.dataset.num_examples=64",
-        "--config.batch_size=8",
-        "--config.num_steps=1",
+        *TINY_RUN,
         "--config.learning_rate=1e-30",
         "--config.warmup_epochs=0",
         "--config.shard_params=true",
