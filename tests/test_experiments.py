@@ -88,6 +88,9 @@ def test_recipes_match_the_papers():
     assert load("cifar10.py:resnet56").warmup_steps == -1
     assert load("imagenet_paper.py:resnet34_C").model.shortcut == "C"
     assert load("preact_shortcuts.py:exclusive_gating").model.gate_bias_init == -6.0
+    # Paper 2's CIFAR code (KaimingHe/resnet-1k-layers) strides the first 1x1 of a bottleneck.
+    assert load("cifar_preact.py:1001:cifar100").model.stride_in == "1x1"
+    assert load("cifar_preact.py:164:cifar10:original").model.stride_in == "1x1"
 
 
 def test_a_python_built_config_with_an_unknown_key_is_refused(tmp_path):
