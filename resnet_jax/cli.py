@@ -249,6 +249,24 @@ def parse_config_flags(argv, flag_values=None):
     return parsed
 
 
+def experiment_config(spec: str, *overrides: str):
+    """An experiment file's config as ``python -m resnet_jax.train`` builds and checks it, for
+    Python callers: ``experiment_config("experiments/digits.py", "--config.model.name=cifar_resnet8")``
+    (``spec`` may carry the file's ``:argument``; overrides as on the command line).
+
+    Raises:
+      UserError: the file, an override or a checked value is bad (one line).
+    """
+    from ml_collections import config_flags
+
+    argv = ["resnet_jax", f"--config={spec}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv, lock_config=True)
+    parse_config_flags(argv, fv)
+    check_config(fv.config)
+    return fv.config
+
+
 def _parse_flags(argv):
     try:
         return parse_config_flags(argv)

@@ -209,7 +209,10 @@ def load_torchvision(model: ResNet, state_dict: Mapping[str, Any], *, keep_head:
         raise UserError(f"state_dict has {len(leftover)} key(s) the model does not use: {_listing(leftover)}")
     if errors:
         more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise UserError(f"shape mismatch: {errors[0]}{more}; check the model name and --num_classes")
+        raise UserError(
+            f"shape mismatch: {errors[0]}{more}; check the model name and --num_classes "
+            "(in Python, keep_head=True loads all but the head into a model with other classes)"
+        )
     assert len(filled) == len(flat), "every variable is either filled or reported above"
     nnx.update(model, nnx.from_flat_state(filled))
     return model

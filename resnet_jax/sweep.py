@@ -107,20 +107,13 @@ def check_overrides(runs: list[dict], extra: list[str]) -> dict[str, dict]:
 
     Returns:
       ``{run name: its config as the trainer writes it to config.json}`` (seed 0)."""
-    from absl import flags
-    from ml_collections import config_flags
-
     configs = {}
     for r in runs:
-        argv = ["train", f"--config={r['config']}", "--config.seed=0", *_override_flags(r), *extra]
-        fv = flags.FlagValues()
-        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv, lock_config=True)
         try:
-            cli.parse_config_flags(argv, fv)
-            cli.check_config(fv.config)
+            config = cli.experiment_config(r["config"], "--config.seed=0", *_override_flags(r), *extra)
         except UserError as e:
             raise UserError(f"run {r['name']!r} (--config={r['config']}): {e}") from None
-        configs[r["name"]] = json.loads(json.dumps(fv.config.to_dict()))
+        configs[r["name"]] = json.loads(json.dumps(config.to_dict()))
     return configs
 
 

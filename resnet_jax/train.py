@@ -316,7 +316,7 @@ class Trainer:
     ``train_and_evaluate`` drives it; a loop of one's own uses it the same way::
 
         trainer = Trainer.for_config(config)
-        state = trainer.init_state()
+        state = trainer.initial_state()  # config.init_from's weights, or fresh ones
         batches = data.prefetch(
             data.train_batches(config.dataset, global_batch_size=config.batch_size, seed=0), trainer.batch_sharding
         )
@@ -446,6 +446,11 @@ class Trainer:
         """The state of step 0: fresh, or with ``warm``'s trained weights."""
         return self.init_state(warm.load() if warm is not None else None)
 
+    def initial_state(self):
+        """The state of step 0 as ``train_and_evaluate`` starts a run: with ``config.init_from``'s
+        weights when it names a source (``init_state`` alone is always a fresh one)."""
+        return self.start_state(warm_start.from_config(self.config, self.weight_shapes()))
+
     def evaluate(self, state, dataset_cfg=None, should_stop=None) -> dict[str, float] | None:
         """Loss, top-1 and top-5 accuracy over every example of the eval split, exactly once.
 
@@ -558,6 +563,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
             warm = loaded = None
             if fresh or not has_checkpoints(workdir):
                 warm = warm_start.from_config(config, trainer.weight_shapes())
+                if warm is not None and fresh:
+                    warm_start.check_not_set_aside(warm, workdir)
                 loaded = warm.load() if warm is not None else None
             if lead:
                 wd.open(config.to_dict(), fresh=fresh)
@@ -578,13 +585,16 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
         elif lead:
             log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
             if config.get("init_from", {}).get("path") is not None:
+                recorded = "init_from" in wd.run_info()
                 log.warning(
-                    "config.init_from.path is not read: the run continues from its own checkpoint "
-                    "(run_info.json records what step 0 started from)"
+                    "config.init_from.path is not read: the run continues from its own checkpoint%s",
+                    " (run_info.json records what step 0 started from)" if recorded else "",
                 )
         if lead:
             for warning in durations.warnings(config):
                 log.warning("%s", warning)
+            if config.get("trainable", "all") == "head" and warm is None and step == 0:
+                log.warning("trainable='head' without init_from: a linear probe of a randomly initialised network")
             wd.write_run_info(
                 devices=jax.device_count(),
                 processes=jax.process_count(),

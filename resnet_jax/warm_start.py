@@ -74,11 +74,23 @@ def open_source(path: str | pathlib.Path, checkpoint: str | int = "latest") -> S
 
     root = pathlib.Path(path).expanduser().absolute()
     label = f"config.init_from.path={path}"
+    if root.is_file():
+        raise UserError(f"{label} is a file; give the directory of a run or of converted weights")
+    if root.name.isdigit() and root.parent.name == "checkpoints":
+        raise UserError(
+            f"{label} is a checkpoint step folder; give the run's workdir ({root.parent.parent}) "
+            f"and config.init_from.checkpoint={root.name}"
+        )
     if not root.is_dir():
         raise UserError(
             f"{label}: no such directory; give a run's workdir or a directory written by resnet_jax.convert"
         )
     if (root / METADATA_FILE).is_file() and (root / CHECKPOINT_SUBDIR).is_dir():
+        if str(checkpoint) != "latest":
+            raise UserError(
+                f"config.init_from.checkpoint={checkpoint}: {root} holds converted weights (one set, no steps); "
+                "leave the key at 'latest'"
+            )
         meta = _read_json(root / METADATA_FILE, label)
         options = meta.get("options") if isinstance(meta.get("options"), dict) else {}
         return Source(root, "converted", root / CHECKPOINT_SUBDIR, None, {**options, "name": meta.get("name")})
@@ -114,6 +126,12 @@ def _function(model: Mapping[str, Any]) -> dict[str, Any] | None:
     except ValueError:
         return None
     return {k: o[k] for k in _FUNCTION_KEYS}
+
+
+def _described(model: Mapping[str, Any]) -> str:
+    """``cifar_resnet8 (width 4)``: the name and the options the source set."""
+    given = [f"{k} {model[k]}" for k in ("width", "shortcut", "stride_in") if model.get(k) is not None]
+    return f"{model.get('name')}" + (f" ({', '.join(given)})" if given else "")
 
 
 def dotted(path) -> str:
@@ -267,7 +285,7 @@ def plan(source: Source, target_model: Mapping[str, Any], targets: Mapping[str, 
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(
             f"{label} does not fit this run's {target_model.get('name')}: {problems[0]}{more}; "
-            f"it holds a {source.model.get('name')}: set config.model (name, width, shortcut) to match it"
+            f"it holds a {_described(source.model)}: set config.model (name, width, shortcut) to match it"
         )
     return WarmStart(source, stored, dict(targets), new_head)
 
@@ -285,8 +303,24 @@ def from_record(record: Mapping[str, Any], config, targets: Mapping[str, tuple])
     """The plan that reproduces a run's step 0 from its run_info.json ``init_from`` record: the
     same checkpoint step (not the source's 'latest' of today) and the same head decision."""
     checkpoint = record.get("step") if record.get("kind") == "run" else "latest"
+    if not pathlib.Path(record["path"]).is_dir():
+        raise UserError(
+            f"step 0 of this run came from {record['path']} (run_info.json's init_from), which is no longer "
+            "there; the network at initialisation needs it: put it back, or analyse later steps"
+        )
     source = open_source(record["path"], "latest" if checkpoint is None else checkpoint)
     return plan(source, config.model.to_dict(), targets, "reset" if record.get("head") == "new" else "load")
+
+
+def check_not_set_aside(warm: WarmStart, workdir) -> None:
+    """Refuses a source inside the workdir that ``--fresh`` sets aside: the record of where step 0
+    came from would name files that are no longer there."""
+    wd = pathlib.Path(workdir).absolute()
+    if warm.source.path == wd or wd in warm.source.path.parents:
+        raise UserError(
+            f"config.init_from.path={warm.source.path} is inside --workdir, whose files --fresh sets aside; "
+            "move that run elsewhere first (mv) and point config.init_from.path there"
+        )
 
 
 def agree_on_source(warm: WarmStart | None) -> None:

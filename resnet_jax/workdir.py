@@ -135,14 +135,19 @@ class Workdir:
         logging.getLogger("resnet_jax").warning("--fresh: moved the previous run's files to %s", dest)
         return dest
 
+    def run_info(self) -> dict:
+        """The run's current run_info.json ({} when there is none or it is unreadable)."""
+        try:
+            info = json.loads((self.path / RUN_INFO_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
     def write_run_info(self, keep: tuple[str, ...] = (), **extra) -> None:
         """Records this start of the run; ``keep``: keys of the previous record to carry over
         (what a resumed run learnt at its first start)."""
-        try:
-            previous = json.loads((self.path / RUN_INFO_FILE).read_text())
-        except (OSError, ValueError):
-            previous = {}
-        kept = {k: previous[k] for k in keep if isinstance(previous, dict) and k in previous}
+        previous = self.run_info()
+        kept = {k: previous[k] for k in keep if k in previous}
         info = {
             "version": resnet_jax.__version__,
             "git_commit": git_commit(),

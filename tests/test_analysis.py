@@ -217,14 +217,41 @@ def test_results_table_reads_a_run_recorded_before_newer_keys_existed(fake_runs)
     r20 = next(r for r in rows if r.model == "ResNet-20")
     assert r20.n == 3 and r20.setting == ""
     # A run that does set one of them is told apart by it.
-    fake = fake_run(root / "warm", acc=0.95)
+    fake = fake_run(root / "lit", acc=0.95)
     cfg = json.loads((fake / "config.json").read_text())
-    cfg["init_from"]["path"] = "/runs/imagenet"
+    cfg["dataset"]["lighting_std"] = 0.1
     (fake / "config.json").write_text(json.dumps(cfg))
-    settings = {
-        r.setting: r.n for r in results_table.collect(results_table.find_workdirs(root)) if r.model == "ResNet-20"
+    rows = results_table.collect(results_table.find_workdirs(root))
+    settings = {r.setting: r.n for r in rows if r.model == "ResNet-20"}
+    assert settings == {"dataset.lighting_std=0.0": 3, "dataset.lighting_std=0.1": 1}
+
+
+def test_results_table_groups_by_where_step_0_came_from(fake_runs):
+    """Runs started from trained weights are grouped by run_info.json's record (source, step,
+    head), not by config.json's init_from keys: the same source named by two paths or head
+    policies is one group, the same path at two of its checkpoints is two."""
+    root, runs = fake_runs
+
+    def warm(name, source, step, recorded_head="loaded", seed=0, **config):
+        wd = fake_run(root / name, acc=0.95, seed=seed)
+        cfg = json.loads((wd / "config.json").read_text())
+        cfg["init_from"].update(config)
+        (wd / "config.json").write_text(json.dumps(cfg))
+        record = {"path": source, "kind": "run", "step": step, "model": "cifar_resnet20", "head": recorded_head}
+        (wd / "run_info.json").write_text(json.dumps({"init_from": record}))
+
+    warm("a0", "/runs/src", 40, path="/runs/src")
+    warm("a1", "/runs/src", 40, seed=1, path="../runs/src", head="load")
+    warm("b0", "/runs/src", 80, path="/runs/src")
+    warm("c0", "/runs/src", 40, "new", path="/runs/src", head="reset")
+    rows = [r for r in results_table.collect(results_table.find_workdirs(root)) if r.model == "ResNet-20"]
+    settings = {r.setting: r.n for r in rows}
+    assert settings == {
+        "init_from=None": 3,
+        "init_from=/runs/src@40": 2,
+        "init_from=/runs/src@80": 1,
+        "init_from=/runs/src@40, new head": 1,
     }
-    assert settings == {"init_from.path=None": 3, "init_from.path=/runs/imagenet": 1}
 
 
 def test_run_labels_name_the_shortcut():

@@ -305,3 +305,17 @@ def test_demo_defaults_and_bad_models():
     ]:
         with pytest.raises(UserError, match=re.escape(needle)):
             demo.run_demo("/nonexistent/demo", models=models)
+
+
+def test_experiment_config_builds_what_the_command_line_builds():
+    """cli.experiment_config: a file, its ':argument' and overrides, checked as train checks them."""
+    from resnet_jax.cli import experiment_config
+    from resnet_jax.errors import UserError
+
+    c = experiment_config("experiments/cifar10.py:resnet56", "--config.model.shortcut=B", "--config.batch_size=64")
+    assert (c.model.name, c.model.shortcut, c.batch_size) == ("cifar_resnet56", "B", 64)
+    assert c.to_dict() == {**load("cifar10.py:resnet56").to_dict(), "batch_size": 64, "model": c.model.to_dict()}
+    with pytest.raises(UserError, match="unknown config key 'nope'"):
+        experiment_config("experiments/digits.py", "--config.nope=1")
+    with pytest.raises(UserError, match="config.trainable='x'; use one of 'all', 'head'"):
+        experiment_config("experiments/digits.py", "--config.trainable=x")

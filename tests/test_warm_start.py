@@ -170,9 +170,26 @@ def test_another_network_is_refused(source, change, needles):
         assert needle in str(e.value)
 
 
+def test_initial_state_follows_init_from(source):
+    """Trainer.initial_state (the library's step 0) reads config.init_from; init_state is fresh."""
+    saved, path = source
+    config = config_for()
+    config.init_from.path = str(path)
+    trainer = trainer_for(config)
+    ours, theirs = weights(trainer.initial_state()), weights(saved)
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    assert not np.array_equal(weights(trainer.init_state())["conv1.kernel"], theirs["conv1.kernel"])
+
+
 def test_bad_sources_are_refused(source, tmp_path):
     _, path = source
+    (tmp_path / "a_file").write_text("x")
     cases = {
+        str(tmp_path / "a_file"): "is a file; give the directory of a run or of converted weights",
+        str(
+            path / "checkpoints" / "5"
+        ): r"is a checkpoint step folder; give the run's workdir .* config.init_from.checkpoint=5",
         str(tmp_path / "missing"): "no such directory",
         str(tmp_path): r"neither a run.s workdir \(config.json\) nor converted weights \(model.json\)",
     }
@@ -221,8 +238,6 @@ def test_a_resumed_run_does_not_read_its_source(tmp_path):
     np.testing.assert_array_equal(kernel(at_init), kernel(then))
     assert not np.array_equal(kernel(then), kernel(now))
     shutil.rmtree(src)
-    with pytest.raises(UserError, match="no such directory"):
-        RunLoader(dst).init()
     p = run_cli("resnet_jax.train", *args, "--config.num_steps=4")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "config.init_from.path is not read: the run continues from its own checkpoint" in p.stderr
@@ -232,12 +247,19 @@ def test_a_resumed_run_does_not_read_its_source(tmp_path):
     p = run_cli("resnet_jax.train", *args[:-1], f"--workdir={tmp_path / 'new'}", "--config.num_steps=2")
     assert_one_line_error(p, f"config.init_from.path={src}: no such directory", max_lines=1)
     assert not (tmp_path / "new").exists()
-    # --fresh from the run's own latest checkpoint: read before the files are set aside.
+    # Step 0's analysis needs the source, and says so.
+    with pytest.raises(
+        UserError, match=r"step 0 of this run came from .*src \(run_info.json's init_from\), which is no"
+    ):
+        RunLoader(dst).init()
+    # --fresh would set the source aside with the run's other files: refused, nothing moved.
+    before = sorted(p.name for p in dst.iterdir())
     own = [*short, f"--config.init_from.path={dst}", f"--workdir={dst}", "--fresh", "--config.num_steps=2"]
     p = run_cli("resnet_jax.train", *own)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert json.loads((dst / "run_info.json").read_text())["init_from"]["step"] == 4
-    assert [d.name.startswith("old-") for d in dst.iterdir() if d.is_dir()].count(True) == 1
+    assert_one_line_error(
+        p, "is inside --workdir, whose files --fresh sets aside; move that run elsewhere", max_lines=1
+    )
+    assert sorted(p.name for p in dst.iterdir()) == before
 
 
 def test_a_damaged_source_is_one_line_and_nothing_is_written(source, tmp_path):
@@ -257,6 +279,15 @@ def test_a_damaged_source_is_one_line_and_nothing_is_written(source, tmp_path):
     p = run_cli("resnet_jax.train", *TINY_RUN, f"--config.init_from.path={damaged}", f"--workdir={tmp_path / 'run'}")
     assert_one_line_error(p, f"cannot read {damaged}", "is it damaged?", max_lines=1)
     assert not (tmp_path / "run").exists()
+
+
+def test_converted_weights_have_no_steps(tmp_path):
+    model = create_model("cifar_resnet8", num_classes=10, width=4, rngs=nnx.Rngs(0))
+    save_converted(model, tmp_path / "conv", name="cifar_resnet8", num_classes=10, options={"width": 4})
+    config = config_for()
+    config.init_from.path, config.init_from.checkpoint = str(tmp_path / "conv"), "7"
+    with pytest.raises(UserError, match="holds converted weights \\(one set, no steps\\); leave the key at 'latest'"):
+        start(config)
 
 
 def test_converted_options_are_checked_too(tmp_path):

@@ -208,6 +208,20 @@ def other_size_results(workdir: str | pathlib.Path, step: int) -> list[tuple[int
     return sorted(out, key=lambda r: (r[3], r[2]))
 
 
+def _settings(workdir, cfg: dict) -> dict[str, str]:
+    """The run's settings for grouping, with where its step 0 came from as one key ``init_from``:
+    run_info.json's record (source, checkpoint step, new or loaded head) rather than the config's
+    ``init_from`` keys, which name a path that may have moved and a 'latest' that moves on."""
+    flat = {k: v for k, v in flat_settings(cfg).items() if not k.startswith("init_from.")}
+    record = common.run_info(pathlib.Path(workdir)).get("init_from")
+    start = None
+    if isinstance(record, dict):
+        step = f"@{record['step']}" if record.get("step") is not None else ""
+        start = f"{record.get('path')}{step}" + (", new head" if record.get("head") == "new" else "")
+    flat["init_from"] = json.dumps(start)
+    return flat
+
+
 def find_workdirs(root: str | pathlib.Path) -> list[pathlib.Path]:
     """Every run directory under ``root`` (``root`` included): the folders holding a ``config.json``."""
     root = pathlib.Path(root)
@@ -257,8 +271,9 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
             log.warning(
                 "%s is unfinished: its last eval is at step %d of %d (shown in 'iterations')", wd, final[0], total
             )
-        runs.append((str(wd), cfg, flat_settings(cfg), (*final, None)))
-        runs += [(str(wd), cfg, flat_settings(cfg), r) for r in other_size_results(wd, final[0])]
+        flat = _settings(wd, cfg)
+        runs.append((str(wd), cfg, flat, (*final, None)))
+        runs += [(str(wd), cfg, flat, r) for r in other_size_results(wd, final[0])]
     keys = sorted({k for _, _, flat, _ in runs for k in flat})
     varying = [
         k
