@@ -10,8 +10,8 @@ ResNet-1001 CIFAR-10 4.92 (4.89 +/- 0.14), CIFAR-100 22.71 (22.68 +/- 0.22). Ori
 Recipe: batch 128, lr 0.1 (0.01 for the first 400 iterations), /10 at 32k and 48k, stop at 64k,
 wd 1e-4, momentum 0.9; 1x1 projection shortcuts where the width changes, reading the
 pre-activated input; the stride on the first 1x1 conv of a bottleneck (stride_in='1x1'), as in the
-paper's own code (KaimingHe/resnet-1k-layers, resnet-pre-act.lua). One known difference from that
-code: its projection is a bare 1x1 conv, ours is conv + BN (896 of the 1.7M parameters).
+paper's own code (KaimingHe/resnet-1k-layers, resnet-pre-act.lua), whose projections are bare
+1x1 convolutions (no BN after), as the cifar_preact_resnet family's are.
 Compute: ResNet-164 about 0.25 GMACs per image; ResNet-1001 about 1.5 GMACs per image and, at batch
 128, about 30 GB of activations (use --config.model.remat=true below 40 GB). ResNet-1001 is scanned
 (scan_blocks='auto') so its train step compiles in seconds.

@@ -915,6 +915,19 @@ def test_numpy_integer_num_classes_are_accepted(num_classes):
     assert model.fc.kernel.shape[-1] == 7 and type(model.fc.out_features) is int
 
 
+def test_cifar_preact_projections_have_no_bn():
+    """Paper 2's CIFAR code: a pre-activation bottleneck's projection is a bare 1x1 conv of the
+    pre-activated input; the original (post-activation) baseline's has a BN, as paper 1's B."""
+
+    def shortcut_params(name):
+        flat = nnx.to_flat_state(nnx.state(abstract(name), nnx.Param))
+        return sorted(".".join(map(str, p[5:])) for p, _ in flat if p[:5] == ("stages", 1, "blocks", 0, "shortcut"))
+
+    assert shortcut_params("cifar_preact_resnet164") == ["conv.kernel"]
+    assert shortcut_params("cifar_bottleneck_resnet164") == ["bn.bias", "bn.scale", "conv.kernel"]
+    assert shortcut_params("preact_resnet50") == ["bn.bias", "bn.scale", "conv.kernel"]  # fb.resnet.torch
+
+
 def test_none_means_default():
     """Passing None for an option selects its default (e.g. the family's shortcut and width)."""
     o = resolve_options("cifar_resnet20", shortcut=None, width=None, bn_group_size=None)

@@ -32,6 +32,7 @@ class BlockOptions:
     bn_epsilon: float
     bn_group_size: int | None
     dtype: Any
+    projection_bn: bool = True  # a BN after a projection shortcut's 1x1 conv (the family's choice)
 
     def norm(self, features: int, zero: bool = False) -> BatchNorm:
         return BatchNorm(
@@ -56,7 +57,7 @@ class BlockOptions:
             stride,
             downsample=self.downsample,
             gate_bias_init=self.gate_bias_init,
-            norm=self.norm,
+            norm=self.norm if self.projection_bn else None,
             dtype=self.dtype,
             rngs=rngs,
         )

@@ -214,6 +214,7 @@ class Shortcut(nnx.Module):
       'A'  identity; where the shape changes, subsample and zero-pad (no parameters).
       'B'  identity; a 1x1 conv + BN projection only where the shape changes.
       'C'  a 1x1 conv + BN projection on every block.
+    (``norm=None``: projections without the BN, as paper 2's pre-activation CIFAR code has them.)
       'none'  no shortcut: a plain network.
       'gated'  exclusive gating, (1 - g) * x + g * F(x), g = sigmoid(conv1x1(x) + b).
       'shortcut_gated'  shortcut-only gating, (1 - g) * x + F(x).
@@ -243,7 +244,7 @@ class Shortcut(nnx.Module):
         self.project = kind != "none" and (ident == "C" or (ident == "B" and reshapes))
         if self.project:
             self.conv = conv(in_ch, out_ch, 1, stride, dtype=dtype, rngs=rngs)
-            self.bn = norm(out_ch)
+            self.bn = norm(out_ch) if norm is not None else None
         if kind in ("gated", "shortcut_gated"):
             self.gate = nnx.Conv(
                 in_ch,
@@ -263,7 +264,8 @@ class Shortcut(nnx.Module):
         if self.kind == "none":
             return None
         if self.project:
-            return self.bn(self.conv(x))
+            y = self.conv(x)
+            return y if self.bn is None else self.bn(y)
         return subsample_and_pad(x, self.out_ch, self.stride)
 
     def merge(self, x: jax.Array, shortcut: jax.Array | None, residual: jax.Array) -> jax.Array:

@@ -27,8 +27,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "cifar_resnet": dict(stem="cifar", width=16, shortcut="A", preact=False, block="basic"),
     "cifar_plain": dict(stem="cifar", width=16, shortcut="none", preact=False, block="basic"),
     # Paper 2's ResNet-164/1001 use 1x1 projections where the width changes (16 -> 64 already in
-    # the first block), as its reference code does: 'B'.
-    "cifar_preact_resnet": dict(stem="cifar_preact", width=16, shortcut="B", preact=True, block="preact_bottleneck"),
+    # the first block): 'B'. Its code (KaimingHe/resnet-1k-layers, resnet-pre-act.lua) makes them
+    # bare convolutions of the pre-activated input, with no BN after: projection_bn=False.
+    "cifar_preact_resnet": dict(
+        stem="cifar_preact", width=16, shortcut="B", preact=True, block="preact_bottleneck", projection_bn=False
+    ),
     # Paper 2's "original" ResNet-164/1001 baselines: the same bottleneck nets, post-activation.
     "cifar_bottleneck_resnet": dict(stem="cifar", width=16, shortcut="B", preact=False, block="bottleneck"),
 }

@@ -58,6 +58,7 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> R
         bn_epsilon=o["bn_epsilon"],
         bn_group_size=o["bn_group_size"],
         dtype=DTYPES[dtype_name(o["dtype"])],
+        projection_bn=fam.get("projection_bn", True),
     )
     scan = o["scan_blocks"]
     if scan == "auto":
