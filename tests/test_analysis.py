@@ -252,6 +252,13 @@ def test_results_table_groups_by_where_step_0_came_from(fake_runs):
         "init_from=/runs/src@80": 1,
         "init_from=/runs/src@40, new head": 1,
     }
+    # The paper's number (ResNet-20 from scratch, 8.75) stands beside the runs trained as it was only.
+    papers = {r.setting: r.paper.error if r.paper else None for r in rows}
+    assert papers == {s: (8.75 if s == "init_from=None" else None) for s in settings}
+    fake_run(root / "probe", acc=0.5, trainable="head")  # a linear probe of a random network
+    rows = [r for r in results_table.collect(results_table.find_workdirs(root)) if r.model == "ResNet-20"]
+    papers = {r.setting: r.paper.error if r.paper else None for r in rows}
+    assert papers["init_from=None, trainable=head"] is None and papers["init_from=None, trainable=all"] == 8.75
 
 
 def test_run_labels_name_the_shortcut():

@@ -16,7 +16,8 @@ keys are shown in a "setting" column. Each group shows the mean and the sample s
 and the final iteration. Runs without an eval row are skipped with a warning.
 
 The "paper" column is the published number for the same (dataset, model, shortcut), where one
-exists (``PAPER``): paper 1's CIFAR-10 Table 6 and ImageNet 10-crop top-1 (Tables 2-4), paper 2's
+exists (``PAPER``), beside runs trained as the papers' were (the whole network, from a random
+initialisation: not ``init_from`` or ``trainable='head'`` runs): paper 1's CIFAR-10 Table 6 and ImageNet 10-crop top-1 (Tables 2-4), paper 2's
 Table 1 shortcut variants of ResNet-110 and its pre-activation CIFAR table.
 
 Usage::
@@ -291,8 +292,10 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
         key = (dataset, name, shortcut, setting, views, size)
         if key not in groups:
             paper = PAPER.get((dataset, name, shortcut))
-            # Beside the results of the protocol it was measured with only (paper 2's 320 crops).
-            paper = paper if paper is not None and paper.test_size == size else None
+            # Beside the results of the protocol it was measured with only (paper 2's 320 crops),
+            # and of networks trained as the papers' were: whole, from a random initialisation.
+            from_scratch = json.loads(flat["init_from"]) is None and cfg.get("trainable", "all") == "all"
+            paper = paper if paper is not None and paper.test_size == size and from_scratch else None
             groups[key] = Row(dataset, name, shortcut, setting, views, size, [], [], [], paper)
         groups[key].errors.append(error)
         groups[key].steps.append(step)
