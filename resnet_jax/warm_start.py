@@ -129,9 +129,15 @@ def _function(model: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _described(model: Mapping[str, Any]) -> str:
-    """``cifar_resnet8 (width 4)``: the name and the options the source set."""
-    given = [f"{k} {model[k]}" for k in ("width", "shortcut", "stride_in") if model.get(k) is not None]
-    return f"{model.get('name')}" + (f" ({', '.join(given)})" if given else "")
+    """``cifar_resnet8 (width 16, shortcut A, stride_in 3x3)``: the name and the options that shape it."""
+    from resnet_jax.models.spec import resolve_options
+
+    keys = ("width", "shortcut", "stride_in")
+    try:
+        o = resolve_options(str(model.get("name")), **{k: model.get(k) for k in keys})
+    except ValueError:
+        o = model
+    return f"{model.get('name')} ({', '.join(f'{k} {o.get(k)}' for k in keys)})"
 
 
 def dotted(path) -> str:

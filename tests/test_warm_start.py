@@ -153,7 +153,14 @@ def test_converted_weights_are_restored(tmp_path):
 @pytest.mark.parametrize(
     "change, needles",
     [
-        ({"width": 8}, ["does not fit this run's cifar_resnet8", "bn1.bias is (4,) there, (8,) here"]),
+        (
+            {"width": 8},
+            [
+                "does not fit this run's cifar_resnet8",
+                "bn1.bias is (4,) there, (8,) here",
+                "it holds a cifar_resnet8 (width 4, shortcut A, stride_in 3x3)",
+            ],
+        ),
         ({"shortcut": "B"}, ["computes another function", "shortcut A there, B here"]),
         ({"name": "cifar_plain8"}, ["shortcut A there, none here"]),
         ({"name": "cifar_resnet14"}, ["stage_sizes (1, 1, 1) there, (2, 2, 2) here"]),
