@@ -50,7 +50,7 @@ from resnet_jax.logbook import Logbook, plot_curves
 from resnet_jax.models import create_model
 from resnet_jax.optim import make_optimizer
 from resnet_jax.schedules import Durations, is_time, learning_rate_schedule
-from resnet_jax.workdir import Workdir
+from resnet_jax.workdir import Workdir, read_run_info
 
 log = logging.getLogger("resnet_jax")
 
@@ -585,7 +585,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
         elif lead:
             log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
             if config.get("init_from", {}).get("path") is not None:
-                recorded = "init_from" in wd.run_info()
+                recorded = "init_from" in read_run_info(workdir)
                 log.warning(
                     "config.init_from.path is not read: the run continues from its own checkpoint%s",
                     " (run_info.json records what step 0 started from)" if recorded else "",

@@ -174,16 +174,19 @@ def _stored_leaves(source: Source) -> dict[str, tuple[str, Any]]:
     return out
 
 
+def _block_names(name: str, n: int) -> list[str] | None:
+    """The unrolled names of a stacked entry ``stages.i.scanned.x`` of ``n`` blocks:
+    ``stages.i.blocks.1.x`` .. ``stages.i.blocks.n.x`` (block 0 is never stacked); None otherwise."""
+    m = _SCANNED.match(name)
+    return [f"{m.group(1)}.blocks.{j + 1}.{m.group(2)}" for j in range(n)] if m else None
+
+
 def _unrolled(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
-    """Stacked blocks ``stages.i.scanned.x`` (leading axis n-1) as ``stages.i.blocks.(1..n-1).x``."""
+    """Shapes by unrolled name: a stacked entry (leading axis n) becomes its n blocks'."""
     out = {}
     for name, shape in shapes.items():
-        m = _SCANNED.match(name)
-        if m:
-            for j in range(shape[0]):
-                out[f"{m.group(1)}.blocks.{j + 1}.{m.group(2)}"] = tuple(shape[1:])
-        else:
-            out[name] = tuple(shape)
+        blocks = _block_names(name, shape[0]) if shape else None
+        out.update(dict.fromkeys(blocks, tuple(shape[1:])) if blocks else {name: tuple(shape)})
     return out
 
 
@@ -207,12 +210,12 @@ class WarmStart:
         import orbax.checkpoint as ocp
         from flax import traverse_util
 
+        from resnet_jax.checkpointing import drained_event_loops, restore_problem
+
         wanted = {stored: name for name, (stored, _) in self.stored.items() if not (self.new_head and _is_head(name))}
         metas = {tuple(stored.split(".")): self.stored[name][1] for stored, name in wanted.items()}
         zeros = traverse_util.unflatten_dict({k: np.zeros(m.shape, m.dtype) for k, m in metas.items()})
         args = traverse_util.unflatten_dict({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in metas})
-        from resnet_jax.checkpointing import drained_event_loops, restore_problem
-
         try:
             # (As Checkpointer.restore: the failed reads of a damaged file end before the error.)
             with drained_event_loops(), ocp.PyTreeCheckpointer() as checkpointer:
@@ -224,22 +227,18 @@ class WarmStart:
             raise UserError(
                 f"cannot read the weights in {self.source.item_dir} ({restore_problem(e)}); is it damaged?"
             ) from None
-        arrays = {}
+        arrays = {}  # by unrolled name
         for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
-            name = wanted[dotted(path)]
-            m = _SCANNED.match(name)
-            for j, part in enumerate(value) if m else [(None, value)]:
-                arrays[f"{m.group(1)}.blocks.{j + 1}.{m.group(2)}" if m else name] = np.asarray(part)
+            name, value = wanted[dotted(path)], np.asarray(value)
+            blocks = _block_names(name, value.shape[0]) if value.ndim else None
+            arrays.update(zip(blocks, value) if blocks else [(name, value)])
         out = {}
         for name, shape in self.targets.items():
             if self.new_head and _is_head(name):
                 continue
-            m = _SCANNED.match(name)
-            if m:
-                out[name] = np.stack([arrays[f"{m.group(1)}.blocks.{j + 1}.{m.group(2)}"] for j in range(shape[0])])
-            else:
-                out[name] = arrays[name]
-            out[name] = out[name].astype(np.float32)
+            blocks = _block_names(name, shape[0]) if shape else None
+            value = np.stack([arrays[b] for b in blocks]) if blocks else arrays[name]
+            out[name] = value.astype(np.float32)
         return out
 
 

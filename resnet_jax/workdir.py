@@ -26,6 +26,15 @@ RUN_OUTPUTS = ("checkpoints", "checkpoints-damaged", CONFIG_FILE, RUN_INFO_FILE,
 RUN_OUTPUT_PATTERNS = ("events.out.tfevents.*", "eval_*.json")
 
 
+def read_run_info(workdir: str | os.PathLike) -> dict:
+    """A run's ``run_info.json`` ({} when it is missing or unreadable: its facts are re-derived)."""
+    try:
+        info = json.loads((pathlib.Path(workdir) / RUN_INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def _identity_changes(previous: dict, config_dict: dict) -> list[str]:
     """The identity keys (or keys below them) whose values differ; a key the recorded config
     lacks (a run from before the key existed) counts as its default (``config.flat_settings``)."""
@@ -135,18 +144,10 @@ class Workdir:
         logging.getLogger("resnet_jax").warning("--fresh: moved the previous run's files to %s", dest)
         return dest
 
-    def run_info(self) -> dict:
-        """The run's current run_info.json ({} when there is none or it is unreadable)."""
-        try:
-            info = json.loads((self.path / RUN_INFO_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
-        return info if isinstance(info, dict) else {}
-
     def write_run_info(self, keep: tuple[str, ...] = (), **extra) -> None:
         """Records this start of the run; ``keep``: keys of the previous record to carry over
         (what a resumed run learnt at its first start)."""
-        previous = self.run_info()
+        previous = read_run_info(self.path)
         kept = {k: previous[k] for k in keep if k in previous}
         info = {
             "version": resnet_jax.__version__,

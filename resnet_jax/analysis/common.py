@@ -18,7 +18,7 @@ from typing import Any
 
 from resnet_jax.cli import EXIT_USAGE, check_output_dir
 from resnet_jax.errors import UserError, first_line
-from resnet_jax.workdir import CONFIG_FILE, RUN_INFO_FILE, load_config_dict, require_workdir
+from resnet_jax.workdir import CONFIG_FILE, load_config_dict, read_run_info, require_workdir
 
 # Paper-like figures: small, light grid, no top/right spines, readable at column width.
 PLOT_STYLE = {
@@ -314,11 +314,7 @@ def init_model(name: str, num_classes: int, *, seed: int = 0, **options):
 
 def run_info(workdir: pathlib.Path) -> dict:
     """The run's ``run_info.json`` ({} when it is missing or unreadable: the facts are re-derived)."""
-    try:
-        info = json.loads((workdir / RUN_INFO_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
+    return read_run_info(workdir)
 
 
 def load_model(workdir: str | pathlib.Path, checkpoint: str | int = "latest"):
