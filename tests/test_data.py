@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -412,10 +413,16 @@ def test_cifar_errors(tmp_path, monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    temp = tmp_path / "temp"  # TFDS's own temp directories land here (tempfile.mkdtemp)
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     with pytest.raises(
         UserError, match=rf"cifar10 is not prepared in data_dir {tmp_path}.*python -m resnet_jax\.prepare cifar10"
     ):
         data.get_info(dataset_cfg(name="cifar10", data_dir=str(tmp_path)))
+    assert list(temp.iterdir()) == []  # no empty tmp*tfds left behind ...
+    tfds.builder("cifar10", data_dir=str(tmp_path))
+    assert [p.name.endswith("tfds") for p in temp.iterdir()] == [True]  # ... which tfds.builder leaves
     with pytest.raises(UserError, match="image_size"):
         data.get_info(dataset_cfg(name="cifar10", image_size=64))
     with pytest.raises(UserError, match="eval_crops"):

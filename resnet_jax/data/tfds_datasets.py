@@ -32,11 +32,14 @@ exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import math
 import os
 import pathlib
 import socket
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,13 +137,29 @@ def _manual_dir(dataset_cfg: Any, builder) -> str:
     return os.fspath(manual_dir or os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual"))
 
 
+def _builder(name: str, data_dir: str | None):
+    """``tfds.builder``, without the empty ``tmp*tfds`` directory it leaves for an unprepared dataset.
+
+    TFDS 4.9 (``DatasetInfo.initialize_from_bucket``) makes that directory before it finds its GCS
+    access disabled, and then never uses it: every run and test left one in the temp directory. Only
+    directories that appeared during the call and are still empty are removed (``os.rmdir``).
+    """
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    builder = tfds.builder(name, data_dir=data_dir)
+    for path in set(glob.glob(pattern)) - before:
+        with contextlib.suppress(OSError):  # not empty, or gone already: not ours to remove
+            os.rmdir(path)
+    return builder
+
+
 def _prepared_builder(dataset_cfg: Any):
     """A TFDS builder whose data is prepared, preparing it (download / manual tars) if needed."""
     name = base.dataset_name(dataset_cfg)
     configured = base.cfg_get(dataset_cfg, "data_dir")
     if configured and "://" not in os.fspath(configured):  # a local path: TFDS fails deep inside
         cli.check_output_dir(pathlib.Path(configured).expanduser().absolute(), "config.dataset.data_dir")
-    builder = tfds.builder(name, data_dir=configured)
+    builder = _builder(name, configured)
     if builder.is_prepared():
         return builder
     data_dir = os.fspath(builder.data_dir_root)
