@@ -29,7 +29,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.bn_epsilon = 1e-5
     c.model.bn_group_size = config_dict.placeholder(int)  # None: BN over the global batch
     c.model.gate_bias_init = -6.0
-    c.model.scan_blocks = "auto"  # auto | true | false
+    # auto | True | False; object-typed so that a config file may write True (the command line's
+    # true/false parse to bools as well; old config.json files hold the strings, see model_options).
+    c.model.scan_blocks = config_dict.FieldReference("auto", field_type=object)
     c.model.remat = False
     # The ImageNet stem's 7x7 stride-2 convolution as space-to-depth + 4x4 stride-1: the same
     # function and parameters, +0.5-4% ResNet-50 train step on an H100 (benchmarks/RESULTS.md).
@@ -294,7 +296,8 @@ def check_run_config(config) -> None:
 def model_options(config) -> dict[str, Any]:
     """The model options of ``config.model`` as ``create_model`` keyword arguments."""
     opts = {k: v for k, v in config.model.items() if k != "name"}
-    scan = str(opts.get("scan_blocks", "auto")).lower()
-    opts["scan_blocks"] = {"auto": "auto", "true": True, "false": False}.get(scan, scan)
+    scan = opts.get("scan_blocks", "auto")
+    if isinstance(scan, str):  # 'true' / 'false' from a config.json written before it was a bool
+        opts["scan_blocks"] = {"auto": "auto", "true": True, "false": False}.get(scan.lower(), scan)
     opts["dtype"] = "bfloat16" if config.half_precision else "float32"
     return opts

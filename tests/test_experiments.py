@@ -17,6 +17,7 @@ from cli_env import user_env
 from ml_collections import config_flags
 
 from resnet_jax import sweep
+from resnet_jax.cli import experiment_config
 from resnet_jax.config import check_run_config, model_options
 from resnet_jax.errors import UserError
 from resnet_jax.models import resolve_options
@@ -71,6 +72,24 @@ def test_config_is_valid(spec):
     check_run_config(c)
     doc = (EXPERIMENTS / spec.split(":")[0]).read_text().split('"""')[1]
     assert "python -m resnet_jax" in doc and "Expected" in doc and "Compute" in doc
+
+
+def test_scan_blocks_takes_a_bool_in_a_config_file_and_on_the_command_line(tmp_path):
+    """A config file writes ``scan_blocks = True``; the command line's true/false and the strings
+    of an older config.json mean the same."""
+    exp = tmp_path / "exp.py"
+    exp.write_text(
+        "from resnet_jax.config import get_base_config\n"
+        "def get_config():\n    c = get_base_config()\n    c.model.scan_blocks = True\n    return c\n"
+    )
+    assert model_options(experiment_config(str(exp)))["scan_blocks"] is True
+    assert model_options(experiment_config(str(exp), "--config.model.scan_blocks=false"))["scan_blocks"] is False
+    c = load("digits.py")
+    for old, new in (("true", True), ("False", False), ("auto", "auto"), ("yes", "yes")):
+        c.model.scan_blocks = old
+        assert model_options(c)["scan_blocks"] == new
+    with pytest.raises(ValueError, match=r"scan_blocks='yes'; valid: 'auto', True, False"):
+        resolve_options(c.model.name, **model_options(c))
 
 
 def test_recipes_match_the_papers():
