@@ -53,7 +53,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.dataset.train_antialias = True
     # ImageNet training augmentation: inception (random-resized crops, 8-100% of the area:
     # torchvision's and the Flax example's) | scale (paper 1: shorter side in [256, 480], random
-    # crop). lighting_std > 0 adds AlexNet's PCA colour augmentation (paper 1: 0.1).
+    # crop). lighting_std > 0 adds AlexNet's PCA colour augmentation to either (paper 1: 0.1).
     c.dataset.train_augment = "inception"
     c.dataset.lighting_std = 0.0
 
@@ -220,6 +220,8 @@ def eval_crops_supported(crops, dataset: str) -> bool:
 # The values the trainer's choices take (schedules.py, optim.py, resnet_jax.data), checked here
 # before JAX so that a sweep refuses a typo before its first run.
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet2012", "synthetic")
+# ImageNet's crop side when config.dataset.image_size is unset.
+IMAGENET_IMAGE_SIZE = 224
 CHOICES = {
     "lr_schedule": ("step", "cosine"),
     "warmup_kind": ("linear", "constant"),

@@ -176,3 +176,9 @@ def test_one_step_on_imagenet_built_by_tfds(imagenet_data_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((tmp_path / "eval_1_48px.json").read_text())
     assert result["step"] == 1 and np.isfinite(result["eval/loss"]) and not (tmp_path / "eval_1.json").exists()
+    # The run's own side is no other size: 224 when image_size is unset, as in every ImageNet config.
+    from resnet_jax.evaluate import other_size
+
+    assert other_size({"image_size": 32}, 48) == 48 and other_size({"image_size": 32}, 32) is None
+    assert other_size({}, 224) is None and other_size({}, 320) == 320 and other_size({}, None) is None
+    assert other_size({"image_size": 32, "eval_image_size": 48}, 48) is None

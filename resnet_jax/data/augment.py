@@ -87,8 +87,12 @@ def _resize(image: tf.Tensor, height, width, antialias: bool = True) -> tf.Tenso
     return tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=antialias)
 
 
-def imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor, size: int, antialias: bool = True) -> tf.Tensor:
-    """Inception-style random-resized crop to ``size`` x ``size`` and a random horizontal flip.
+def imagenet_train(
+    image_bytes: tf.Tensor, seed: tf.Tensor, size: int, antialias: bool = True, lighting_std: float = 0.0
+) -> tf.Tensor:
+    """Inception-style random-resized crop to ``size`` x ``size``, a random horizontal flip and, with
+    ``lighting_std`` > 0, AlexNet's PCA colour augmentation (fb.resnet.torch's recipe adds it to
+    these crops; see ``imagenet_scale_train``).
 
     The crop box (8%-100% of the area, aspect 3/4-4/3) is sampled on the JPEG header and only that
     window is decoded (``decode_and_crop_jpeg``), which is much cheaper than decoding the whole
@@ -102,6 +106,7 @@ def imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor, size: int, antialias
         antialias: Antialiased resize of the crop (torchvision's ``RandomResizedCrop`` default).
             False is the Flax ImageNet example's plain bilinear resize: measured 1.4-1.7x the
             images per second on 16 cores (benchmarks/RESULTS.md), for input-bound runs.
+        lighting_std: Standard deviation of the PCA weights (0: none).
 
     Returns:
         uint8 [size, size, 3].
@@ -133,6 +138,8 @@ def imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor, size: int, antialias
     image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)  # [crop_h, crop_w, 3]
     image = _resize(image, size, size, antialias)
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    # Its own seed, folded in: the crops and flips of lighting_std=0 runs stay as they were.
+    image = _lighting(image, tf.random.experimental.stateless_fold_in(seed, 1), lighting_std)
     image.set_shape([size, size, 3])
     return to_pixels(image)
 
@@ -181,12 +188,18 @@ def imagenet_scale_train(
     image = _resize_shorter_side(_decode(image_bytes), shorter, antialias)
     image = tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_seed)
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    if lighting_std > 0:
-        alpha = tf.random.stateless_normal([3], light_seed, stddev=lighting_std)
-        shift = tf.linalg.matvec(tf.constant(LIGHTING_EIGVEC), alpha * tf.constant(LIGHTING_EIGVAL))
-        image = image + 255.0 * shift  # per-channel shift, the same for every pixel
+    image = _lighting(image, light_seed, lighting_std)
     image.set_shape([size, size, 3])
     return to_pixels(image)
+
+
+def _lighting(image: tf.Tensor, seed: tf.Tensor, lighting_std: float) -> tf.Tensor:
+    """AlexNet's PCA colour augmentation (``lighting_std`` > 0; 0 returns ``image`` unchanged)."""
+    if lighting_std <= 0:
+        return image
+    alpha = tf.random.stateless_normal([3], seed, stddev=lighting_std)
+    shift = tf.linalg.matvec(tf.constant(LIGHTING_EIGVEC), alpha * tf.constant(LIGHTING_EIGVAL))
+    return tf.cast(image, tf.float32) + 255.0 * shift  # per-channel shift, the same for every pixel
 
 
 def imagenet_eval(image_bytes: tf.Tensor, size: int, crops: int = 1) -> tf.Tensor:

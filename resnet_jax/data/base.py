@@ -95,6 +95,18 @@ def cfg_get(dataset_cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def check_no_imagenet_augment(dataset_cfg: Any, own: str) -> None:
+    """The ImageNet augmentation keys would silently mean nothing for another dataset's ``own``
+    augmentation (the synthetic data takes them, so that any config can be timed on it)."""
+    for key, default in (("train_augment", "inception"), ("lighting_std", 0.0), ("eval_image_size", None)):
+        value = cfg_get(dataset_cfg, key, default)
+        if value != default:
+            raise UserError(
+                f"config.dataset.{key}={value!r} is an ImageNet option; {dataset_name(dataset_cfg)} "
+                f"trains with {own}: leave it unset."
+            )
+
+
 def dataset_name(dataset_cfg: Any) -> str:
     """The configured dataset name, validated."""
     name = cfg_get(dataset_cfg, "name")

@@ -132,6 +132,7 @@ def _image_size(dataset_cfg: Any) -> int:
 def get_info(dataset_cfg: Any) -> base.DatasetInfo:
     """See ``resnet_jax.data.get_info``."""
     base.check_no_validation_split(dataset_cfg)
+    base.check_no_imagenet_augment(dataset_cfg, "its own config.dataset.augment (random shifts)")
     base.check_num_classes(dataset_cfg, NUM_CLASSES)
     base.eval_crops(dataset_cfg)
     size = _image_size(dataset_cfg)

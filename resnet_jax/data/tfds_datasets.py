@@ -49,6 +49,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from resnet_jax import cli
+from resnet_jax.config import IMAGENET_IMAGE_SIZE
 from resnet_jax.data import augment, base
 from resnet_jax.errors import UserError, describe
 from resnet_jax.prepare import command as prepare_command
@@ -99,7 +100,7 @@ _SPECS = {
         "train",
         "validation",
         {"train": 1_281_167, "validation": 50_000},
-        224,
+        IMAGENET_IMAGE_SIZE,
         10_000,
         augment.IMAGENET_MEAN,
         augment.IMAGENET_STD,
@@ -285,17 +286,6 @@ def eval_image_size(dataset_cfg: Any, size: int) -> int:
     return value
 
 
-def _check_cifar_augment(dataset_cfg: Any) -> None:
-    """The ImageNet augmentation keys would silently mean nothing for CIFAR's pad-and-crop."""
-    for key, default in (("train_augment", "inception"), ("lighting_std", 0.0), ("eval_image_size", None)):
-        value = base.cfg_get(dataset_cfg, key, default)
-        if value != default:
-            raise UserError(
-                f"config.dataset.{key}={value!r} is an ImageNet option; {base.dataset_name(dataset_cfg)} "
-                "trains with paper 1's pad-and-crop: leave it unset."
-            )
-
-
 def _layout(dataset_cfg: Any) -> tuple[Any, _Slice, _Slice, int, int]:
     """Prepares the dataset and returns (builder, train slice, eval slice, image size, eval crops)."""
     name = base.dataset_name(dataset_cfg)
@@ -307,7 +297,7 @@ def _layout(dataset_cfg: Any) -> tuple[Any, _Slice, _Slice, int, int]:
     if name.startswith("cifar"):
         if size != spec.default_image_size:
             raise UserError(f"{name} images are 32x32: leave config.dataset.image_size unset (or 32), not {size}.")
-        _check_cifar_augment(dataset_cfg)
+        base.check_no_imagenet_augment(dataset_cfg, "paper 1's pad-and-crop")
     else:
         imagenet_augment_options(dataset_cfg)
         eval_image_size(dataset_cfg, size)
@@ -412,7 +402,7 @@ def train_batches(
             if recipe == "scale":
                 image = augment.imagenet_scale_train(image_bytes, example_seed, size, lighting_std, antialias)
             else:
-                image = augment.imagenet_train(image_bytes, example_seed, size, antialias)
+                image = augment.imagenet_train(image_bytes, example_seed, size, antialias, lighting_std)
             return {"image": image, "label": label}
     else:
 
