@@ -78,11 +78,13 @@ def make_fake_imagenet_tars(manual_dir: str, num_classes: int = 2, images_per_cl
     return {"synsets": synsets, "num_train": num_classes * images_per_class, "num_val": num_val}
 
 
-def prepare_fake_imagenet(data_dir: str, manual_dir: str, **tar_kwargs) -> dict:
+def prepare_fake_imagenet(data_dir: str, manual_dir: str, *, num_shards: int | None = None, **tar_kwargs) -> dict:
     """Writes the fake tars, then prepares imagenet2012 from them with TFDS's real builder (~10 s).
 
     The preparation goes through ``resnet_jax.data.get_info``, the path a first real run takes
-    (it calls the builder's ``download_and_prepare`` with ``manual_dir``).
+    (it calls the builder's ``download_and_prepare`` with ``manual_dir``), unless ``num_shards``
+    is given: then the builder is called directly, to write every split in ``num_shards`` record
+    files (each split needs at least that many images).
 
     Returns:
         What ``make_fake_imagenet_tars`` returns.
@@ -92,5 +94,13 @@ def prepare_fake_imagenet(data_dir: str, manual_dir: str, **tar_kwargs) -> dict:
     from resnet_jax import data
 
     made = make_fake_imagenet_tars(manual_dir, **tar_kwargs)
+    if num_shards is not None:
+        import tensorflow_datasets as tfds
+
+        config = tfds.download.DownloadConfig(manual_dir=manual_dir, num_shards=num_shards)
+        builder = tfds.builder("imagenet2012", data_dir=data_dir)
+        builder.download_and_prepare(download_config=config)
+        assert builder.info.splits["train"].num_shards == num_shards, builder.info.splits
+        return made
     data.get_info(ml_collections.ConfigDict({"name": "imagenet2012", "data_dir": data_dir, "manual_dir": manual_dir}))
     return made

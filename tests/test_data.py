@@ -471,7 +471,8 @@ def test_cifar_fails_fast_when_its_server_cannot_be_reached(tmp_path, monkeypatc
 
 
 def imagenet_cfg(data_dir, manual_dir, **overrides):
-    return dataset_cfg(name="imagenet2012", data_dir=data_dir, manual_dir=manual_dir, image_size=64, **overrides)
+    overrides = {"image_size": 64, **overrides}
+    return dataset_cfg(name="imagenet2012", data_dir=data_dir, manual_dir=manual_dir, **overrides)
 
 
 def test_imagenet_train_and_eval(imagenet_data_dir):
@@ -672,6 +673,124 @@ def test_imagenet_eval_over_processes(imagenet_data_dir, process_count, global_b
     assert len(reference) == 4 and len(set(reference)) == 4  # 4 distinct validation images
     # Together the processes' valid examples are exactly the 4, each once: images and labels.
     assert examples([b for h in hosts for b in h]) == reference
+
+
+# ImageNet's shuffle buffer (10,000 records) is <1% of a one-host share; the tests below shrink it
+# to 3 records against a fake ImageNet of 48 training images in 16 record files of 3.
+_SHARDED = {"num_classes": 4, "images_per_class": 12, "num_val": 16, "num_shards": 16}
+
+
+@pytest.fixture(scope="module")
+def sharded_imagenet_data_dir(tmp_path_factory):
+    """(data_dir, manual_dir) of an imagenet2012 whose splits are written in 16 record files each."""
+    from imagenet_tars import prepare_fake_imagenet
+
+    root = tmp_path_factory.mktemp("imagenet_sharded")
+    data_dir, manual_dir = str(root / "data"), str(root / "manual")
+    prepare_fake_imagenet(data_dir, manual_dir, **_SHARDED)
+    return data_dir, manual_dir
+
+
+def _small_shuffle_buffer(monkeypatch, records: int = 3) -> None:
+    from resnet_jax.data import tfds_datasets
+
+    spec = dataclasses.replace(tfds_datasets._SPECS["imagenet2012"], shuffle_buffer=records)
+    monkeypatch.setitem(tfds_datasets._SPECS, "imagenet2012", spec)
+
+
+def _image_hashes(monkeypatch) -> None:
+    """The training "images" become a 62-bit hash of each example's encoded image bytes."""
+    import tensorflow as tf
+
+    from resnet_jax.data import augment
+
+    monkeypatch.setattr(
+        augment, "imagenet_train", lambda image_bytes, *_: tf.strings.to_hash_bucket_fast(image_bytes, 2**62)
+    )
+
+
+def _train_records(data_dir: str, split: str = "train") -> list[tuple[int, int]]:
+    """(image hash, label) of each example of ``split`` as TFDS's as_dataset reads it, sorted."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    ds = tfds.builder("imagenet2012", data_dir=data_dir).as_dataset(
+        split=split, decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    ds = ds.map(lambda ex: (tf.strings.to_hash_bucket_fast(ex["image"], 2**62), ex["label"]))
+    return sorted((int(h), int(label)) for h, label in ds.as_numpy_iterator())
+
+
+def _examples(batches: list[dict]) -> list[tuple[int, int]]:
+    """The stream of (image hash, label) pairs of hashed training batches."""
+    return [(int(h), int(label)) for b in batches for h, label in zip(b["image"], b["label"], strict=True)]
+
+
+def test_imagenet_epochs_read_the_record_files_in_new_orders(sharded_imagenet_data_dir, monkeypatch):
+    """A shuffle buffer smaller than the host's share: each epoch reads the share's record files in
+    an order of its own, so an example's place in one epoch says little about its place in the next
+    (before: the same file order every epoch, and only the buffer to move an example: position
+    correlation 0.97 between epochs here). Every epoch is still a permutation of the share, exactly
+    the (image bytes, label) records TFDS's as_dataset reads; the same seed gives the same batches,
+    and resuming in the middle of epoch 2 gives the uninterrupted ones."""
+    _small_shuffle_buffer(monkeypatch)
+    _image_hashes(monkeypatch)
+    data_dir, manual_dir = sharded_imagenet_data_dir
+    cfg = imagenet_cfg(data_dir, manual_dir, image_size=16)
+    reference = _train_records(data_dir)
+    n, b, num_epochs = len(reference), 5, 4  # the batch divides no epoch: epochs end mid-batch
+    assert n == 48 and len(set(reference)) == n
+
+    steps = math.ceil(num_epochs * n / b)
+    batches = take(data.train_batches(cfg, global_batch_size=b, seed=0), steps)
+    stream = _examples(batches)
+    epochs = [stream[e * n : (e + 1) * n] for e in range(num_epochs)]
+    for e, epoch in enumerate(epochs):
+        assert sorted(epoch) == reference, f"epoch {e} is not a permutation of the share"
+    places = np.array([[epoch.index(x) for x in reference] for epoch in epochs])  # [epoch, example]
+    correlation = np.corrcoef(places)[np.triu_indices(num_epochs, 1)]  # of every pair of epochs
+    assert correlation.max() < 0.8 and correlation.mean() < 0.4, correlation
+
+    assert_batches_equal(batches[:3], take(data.train_batches(cfg, global_batch_size=b, seed=0), 3))
+    other_seed = _examples(take(data.train_batches(cfg, global_batch_size=b, seed=1), 10))[:n]
+    assert sorted(other_seed) == reference and other_seed != epochs[0]
+    k = 22  # example 110: the 15th of epoch 2
+    assert 2 * n < k * b < 3 * n
+    assert_batches_equal(
+        batches[k:], take(data.train_batches(cfg, global_batch_size=b, seed=0, start_step=k), steps - k)
+    )
+
+
+def test_imagenet_hosts_shuffle_disjoint_shares_of_the_record_files(sharded_imagenet_data_dir, monkeypatch):
+    """Two processes: each shuffles its own contiguous half (24 examples in 8 record files, more
+    than the buffer), every epoch a permutation of it in a new order; together they cover the
+    training split, each example once."""
+    _small_shuffle_buffer(monkeypatch)
+    _image_hashes(monkeypatch)
+    data_dir, manual_dir = sharded_imagenet_data_dir
+    cfg = imagenet_cfg(data_dir, manual_dir, image_size=16)
+    shares = []
+    for p in range(2):
+        share = _train_records(data_dir, f"train[{24 * p}:{24 * (p + 1)}]")
+        batches = take(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=p, process_count=2), 24)
+        assert batches[0]["label"].shape == (2,)
+        stream = _examples(batches)
+        epochs = [stream[:24], stream[24:]]
+        assert sorted(epochs[0]) == sorted(epochs[1]) == share and epochs[0] != epochs[1]
+        shares.append(set(share))
+    assert not shares[0] & shares[1]
+    assert sorted(shares[0] | shares[1]) == _train_records(data_dir)
+
+
+def test_imagenet_file_shuffled_epochs_decode_and_resume(sharded_imagenet_data_dir, monkeypatch):
+    """The records read from the files themselves decode into uint8 training crops, and resuming
+    in the middle of epoch 2 gives the same pixels as the uninterrupted stream."""
+    _small_shuffle_buffer(monkeypatch)
+    cfg = imagenet_cfg(*sharded_imagenet_data_dir, image_size=16)
+    batches = take(data.train_batches(cfg, global_batch_size=5, seed=0), 24)  # 120 examples: into epoch 2
+    assert batches[0]["image"].shape == (5, 16, 16, 3) and batches[0]["image"].dtype == np.uint8
+    assert batches[0]["label"].dtype == np.int32 and set(np.concatenate([b["label"] for b in batches])) == {0, 1, 2, 3}
+    assert_batches_equal(batches[21:], take(data.train_batches(cfg, global_batch_size=5, seed=0, start_step=21), 3))
 
 
 def _break_train_tar(path, how: str) -> None:

@@ -16,12 +16,17 @@ Training pipeline, per host:
 1. The host reads only its contiguous share ``[p*n/P, (p+1)*n/P)`` of the training split (TFDS
    slicing; each host's share is fixed for the whole run) as *raw* records (the image stays
    encoded).
-2. Epoch ``e`` is that share shuffled with a seed derived from (seed, host, e), through a buffer
-   (the whole share for CIFAR, 10,000 records for ImageNet: TFDS already shuffles records when it
-   prepares a dataset). The epochs are concatenated into one stream; an epoch may end in the middle
-   of a batch.
+2. Epoch ``e`` is that share shuffled with seeds derived from (seed, host, e). CIFAR's share goes
+   through a shuffle buffer as large as the share. ImageNet's 10,000-record buffer is <1% of a
+   one-host share: alone it would keep every example within about one buffer of the place it had
+   in the first epoch (the same images would open and close every epoch). So epoch ``e`` first
+   reads the share's record files (its TFDS file instructions) in a permutation of their own,
+   several files interleaved at a time, and then shuffles through the buffer (TFDS already shuffled
+   the records across files when it prepared the dataset). Either way an epoch is a permutation of
+   the share. The epochs are concatenated into one stream; an epoch may end in the middle of a
+   batch.
 3. Resuming at step ``k`` starts the stream at epoch ``k*b // n_host`` and skips the remaining
-   ``k*b % n_host`` raw records (never more than one epoch, and before any decoding).
+   ``k*b % n_host`` raw records (never more than one epoch, and before any parsing or decoding).
 4. Record ``i`` of the stream is decoded and augmented with the stateless seed
    (hash(seed, host), i), so the same step always sees the same pixels.
 
@@ -359,6 +364,57 @@ def _raw_records(builder, piece: _Slice) -> tf.data.Dataset:
     return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
 
 
+def _file_instructions(builder, piece: _Slice, buffer_size: int | None) -> list | None:
+    """The TFDS file instructions of ``piece`` when its epochs must also shuffle the files: a
+    TFRecord dataset whose shuffle buffer is smaller than ``piece``; else None (shuffle the records
+    of ``_raw_records`` through the buffer alone: CIFAR, a mocked dataset, another file format)."""
+    if buffer_size is None or buffer_size >= piece.size or not builder.info.splits:
+        return None
+    if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+        return None
+    return [f for f in builder.info.splits[str(piece)].file_instructions if f.take > 0]
+
+
+def _file_shuffled_epochs(files: list, seed: int, buffer_size: int):
+    """``epoch(e)``: the serialized records of ``files`` (TFDS file instructions), read in a
+    permutation of the files seeded by (seed, e) with several files interleaved, then shuffled
+    through a ``buffer_size`` buffer seeded by ``seed + e`` (``e``: an int64 tensor)."""
+    names = tf.constant([f.filename for f in files], tf.string)
+    skips = tf.constant([f.skip for f in files], tf.int64)
+    takes = tf.constant([f.take for f in files], tf.int64)
+    # Interleaving every file at once would put record j of each file near place j * n_files in
+    # every epoch, whatever the file order. With at least 4 turns of files per epoch, an example's
+    # place is set by its file's random turn instead (16 files read at once on a whole ImageNet).
+    cycle_length = max(1, min(16, len(files) // 4))
+
+    def read(name, skip, take):
+        return tf.data.TFRecordDataset(name, buffer_size=8 << 20).skip(skip).take(take)  # TFDS's buffer
+
+    def epoch(e):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(len(files)), seed=tf.stack([tf.constant(seed, tf.int64), e])
+        )
+        ds = tf.data.Dataset.from_tensor_slices(
+            (tf.gather(names, order), tf.gather(skips, order), tf.gather(takes, order))
+        )
+        ds = ds.interleave(
+            read, cycle_length=cycle_length, block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+        return ds.shuffle(buffer_size, seed=seed + e, reshuffle_each_iteration=False)
+
+    return epoch
+
+
+def _record_parser(builder):
+    """Serialized TFDS example -> (encoded image, int32 label), as ``_raw_records`` yields them."""
+
+    def parse(serialized):
+        ex = builder.info.features.deserialize_example(serialized, decoders={"image": tfds.decode.SkipDecoding()})
+        return ex["image"], tf.cast(ex["label"], tf.int32)
+
+    return parse
+
+
 def _derived_seed(seed: int, process_index: int, tag: int) -> int:
     """A well-mixed 31-bit seed for one (run seed, host, purpose)."""
     return int(np.random.SeedSequence([seed, process_index, tag]).generate_state(1, np.uint32)[0] >> 1)
@@ -377,21 +433,27 @@ def train_batches(
         raise UserError(
             f"{name}: the training split has fewer examples ({train.size}) than processes ({process_count})."
         )
-    raw = _raw_records(builder, share)
-    # The real record count (TFDS asserts cardinality); differs from the slice only when mocked.
-    cardinality = int(raw.cardinality())
-    epoch_size = cardinality if cardinality > 0 else share.size
-    buffer_size = min(spec.shuffle_buffer or epoch_size, epoch_size)
+    shuffle_seed = _derived_seed(seed, process_index, _SHUFFLE_TAG)
+    augment_seed = tf.constant(_derived_seed(seed, process_index, _AUGMENT_TAG), tf.int64)
+    files = _file_instructions(builder, share, spec.shuffle_buffer)
+    if files:  # ImageNet: each epoch reads the files in an order of its own (module docstring, step 2)
+        epoch_size = sum(f.take for f in files)
+        epoch = _file_shuffled_epochs(files, shuffle_seed, spec.shuffle_buffer)
+    else:
+        raw = _raw_records(builder, share)
+        # The real record count (TFDS asserts cardinality); differs from the slice only when mocked.
+        cardinality = int(raw.cardinality())
+        epoch_size = cardinality if cardinality > 0 else share.size
+        buffer_size = min(spec.shuffle_buffer or epoch_size, epoch_size)
+
+        def epoch(e):  # e: int64 tensor. shuffle() takes a tensor seed, so each epoch is reseeded in-graph.
+            return raw.shuffle(buffer_size, seed=shuffle_seed + e, reshuffle_each_iteration=False)
 
     start = start_step * b  # position of the first example in this host's stream
     start_epoch, offset = divmod(start, epoch_size)
-    shuffle_seed = _derived_seed(seed, process_index, _SHUFFLE_TAG)
-    augment_seed = tf.constant(_derived_seed(seed, process_index, _AUGMENT_TAG), tf.int64)
-
-    def epoch(e):  # e: int64 tensor. shuffle() takes a tensor seed, so each epoch is reseeded in-graph.
-        return raw.shuffle(buffer_size, seed=shuffle_seed + e, reshuffle_each_iteration=False)
-
     stream = tf.data.Dataset.range(start_epoch, _STREAM_END).flat_map(epoch).skip(offset)
+    if files:  # serialized records: parsed only after the resume's skip
+        stream = stream.map(_record_parser(builder), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     positions = tf.data.Dataset.range(start, _STREAM_END)
 
     if name == "imagenet2012":
