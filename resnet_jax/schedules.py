@@ -49,7 +49,8 @@ class Durations:
 
     def warnings(self, config) -> list[str]:
         """Schedules that cannot be what was meant: a warm-up as long as the run (the learning
-        rate never reaches its peak), a step schedule none of whose boundaries falls in the run."""
+        rate never reaches its peak), a step schedule none of whose boundaries falls in the run,
+        boundaries inside the warm-up (ignored) or given twice (one decay)."""
         out = []
         if self.warmup_steps >= self.total_steps:
             out.append(
@@ -61,6 +62,16 @@ class Durations:
                 f"no learning-rate boundary {list(self.boundaries)} falls within the run's {self.total_steps} steps: "
                 "the learning rate never decays"
             )
+        if config.lr_schedule == "step":
+            inside = [b for b in self.boundaries if b <= self.warmup_steps]
+            if inside and self.warmup_steps > 0:
+                out.append(
+                    f"the learning-rate boundaries {inside} fall within the {self.warmup_steps}-step warm-up "
+                    "and are ignored: the decay starts after it"
+                )
+            twice = sorted({b for b in self.boundaries if self.boundaries.count(b) > 1})
+            if twice:
+                out.append(f"the learning-rate boundaries {twice} are given twice: the rate decays once at each")
         return out
 
 

@@ -69,6 +69,10 @@ def test_cosine_decays_to_zero_at_the_end():
             dict(num_steps=10, lr_boundaries_steps=(30, 60)),
             ["no learning-rate boundary [30, 60] falls within the run's 10"],
         ),
+        (
+            dict(num_steps=1000, warmup_steps=400, lr_boundaries_steps=(300, 600, 600)),
+            ["boundaries [300] fall within the 400-step warm-up", "boundaries [600] are given twice"],
+        ),
         (dict(num_steps=100, warmup_steps=5, lr_boundaries_steps=(50,)), []),
         (dict(num_steps=10, lr_schedule="cosine", lr_boundaries_steps=(30,)), []),  # cosine has no boundaries
     ],
