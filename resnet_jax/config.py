@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -246,9 +247,21 @@ def check_run_config(config) -> None:
         if key == "model.dtype":
             hint = "the compute dtype is config.half_precision (bf16); "
         raise ValueError(f"config.{key} is not a config key; {hint}the keys and defaults are in resnet_jax/config.py")
+    missing = sorted(known - set(given))
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(
+            f"config.{missing[0]} is missing{more}; build the config on resnet_jax.config.get_base_config() "
+            "and change only what differs"
+        )
+    for key in ("num_epochs", "eval_every_epochs", "warmup_epochs", "learning_rate", "weight_decay"):
+        if not (_is_number(config[key]) and math.isfinite(config[key])):
+            hint = " (above num_epochs: only at the end)" if key == "eval_every_epochs" else ""
+            raise ValueError(f"config.{key}={config[key]!r}; use a finite number{hint}")
     checks = [
         ("batch_size", config.batch_size >= 1, "a positive number of images (the global batch)"),
-        ("seed", config.seed >= 0, "a non-negative integer"),
+        # JAX's keys take 32-bit seeds (larger ones wrap around onto smaller ones).
+        ("seed", 0 <= config.seed < 2**31, "an integer in [0, 2**31)"),
         ("keep_checkpoints", config.keep_checkpoints >= 1, "at least 1 (the latest N checkpoints are kept)"),
         (
             "eval_every_epochs",

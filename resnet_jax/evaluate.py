@@ -16,9 +16,9 @@ import json
 from absl import flags
 
 from resnet_jax import cli
-from resnet_jax.config import EVAL_CROPS, IMAGENET_IMAGE_SIZE
+from resnet_jax.config import EVAL_CROPS
 from resnet_jax.errors import UserError
-from resnet_jax.workdir import load_config_dict, require_workdir, result_path
+from resnet_jax.workdir import load_config_dict, other_size, require_workdir, result_path
 
 flags.DEFINE_string("workdir", None, "the training run's --workdir")
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval top-1) or a step number")
@@ -60,13 +60,6 @@ def _main(argv) -> None:
     crops = f.eval_crops or int(dataset.get("eval_crops", 1))
     result_path(f.workdir, step, crops, other_size(dataset, f.eval_image_size)).write_text(json.dumps(out, indent=2))
     print(json.dumps(out))
-
-
-def other_size(dataset: dict, eval_image_size: int | None) -> int | None:
-    """``eval_image_size`` when it is not the run's own eval crop side (the result file then says
-    ``_<N>px``), else None. Only imagenet2012 runs get here with a size; theirs defaults to 224."""
-    own = dataset.get("eval_image_size") or dataset.get("image_size") or IMAGENET_IMAGE_SIZE
-    return eval_image_size if eval_image_size not in (None, own) else None
 
 
 def main():

@@ -9,6 +9,8 @@ import os
 import pathlib
 import sys
 
+from resnet_jax.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -62,17 +64,32 @@ def _summary_writer():
 
 class Logbook:
     """Appends metric rows. On resume at ``start_step`` the rows of later steps (written by the
-    interrupted run, and about to be recomputed identically) are dropped first."""
+    interrupted run, and about to be recomputed identically) are dropped first, from
+    ``metrics.jsonl`` and, through a purge marker, from TensorBoard's view of the event files."""
 
     def __init__(self, workdir, *, start_step: int = 0, enabled: bool = True):
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / METRICS_FILE
         self._tb = None
+        self._evals: dict[int, dict] = {}
         if not enabled:
             return
-        rows = [r for r in read_metrics(workdir) if r["step"] <= start_step]
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
-        self._tb = _summary_writer()(str(workdir))
+        try:
+            rows = [r for r in read_metrics(workdir) if r["step"] <= start_step]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        except OSError as e:
+            raise UserError(
+                f"cannot write {self.path} ({e.strerror}); move it away or choose another --workdir"
+            ) from None
+        self._evals = {r["step"]: r for r in rows if any(k.startswith("eval/") for k in r)}
+        # purge_step: TensorBoard drops the earlier files' events from this step on (SessionLog
+        # START), which a crash between checkpoints left behind.
+        self._tb = _summary_writer()(str(workdir), purge_step=start_step + 1)
+
+    def logged_eval(self, step: int) -> dict[str, float] | None:
+        """The eval metrics already in ``metrics.jsonl`` for ``step`` (process 0; None elsewhere)."""
+        row = self._evals.get(step)
+        return {k: v for k, v in row.items() if k.startswith("eval/")} if row else None
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -80,6 +97,8 @@ class Logbook:
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if any(k.startswith("eval/") for k in row):
+            self._evals[row["step"]] = row
         for k, v in metrics.items():
             self._tb.add_scalar(k, float(v), int(step))
 

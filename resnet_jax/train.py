@@ -537,6 +537,49 @@ def agree_on_start_up(problem: BaseException | None) -> None:
         raise UserError(f"process {names} could not start (its error says why); fix that and start every process again")
 
 
+def _record_start(config, wd: Workdir, warm, info, durations: Durations, step: int) -> None:
+    """Process 0, once the state is restored or initialised: warnings, config.json, run_info.json."""
+    for warning in durations.warnings(config):
+        log.warning("%s", warning)
+    if config.get("trainable", "all") == "head" and warm is None and step == 0:
+        log.warning("trainable='head' without init_from: a linear probe of a randomly initialised network")
+    changes = wd.changed_settings if step > 0 else {}
+    if changes:
+        log.warning(
+            "resuming step %d with other settings than the run's last start: %s (run_info.json keeps the history)",
+            step,
+            ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()),
+        )
+    previous = read_run_info(wd.path) if step > 0 else {}
+    before = previous.get("processes")
+    if before not in (None, jax.process_count()) and config.dataset.name not in ("digits", "synthetic"):
+        log.warning(
+            "resuming on %d processes, the run's last start had %s: each reads another share of %s, so the "
+            "rest of this epoch repeats or skips some examples",
+            jax.process_count(),
+            before,
+            config.dataset.name,
+        )
+    wd.write_config(config.to_dict())
+    history = previous.get("setting_changes", [])
+    if changes:
+        history = [*history, {"step": step, **{k: list(v) for k, v in changes.items()}}]
+    wd.write_run_info(
+        devices=jax.device_count(),
+        processes=jax.process_count(),
+        platform=jax.devices()[0].platform,
+        resumed_from=step,
+        steps_per_epoch=durations.steps_per_epoch,
+        total_steps=durations.total_steps,
+        # What a model restored from this run needs (analysis.common.load_model), without the data.
+        dataset_info=dataclasses.asdict(info),
+        # Where the weights of step 0 came from (kept on resume: the source is not read then).
+        **({"init_from": warm.record()} if warm is not None else {}),
+        **({"setting_changes": history} if history else {}),
+        keep=("init_from",) if step > 0 else (),
+    )
+
+
 def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str, float]:
     """Trains ``config`` in ``workdir``, resuming from its latest complete checkpoint.
 
@@ -567,7 +610,9 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
                     warm_start.check_not_set_aside(warm, workdir)
                 loaded = warm.load() if warm is not None else None
             if lead:
-                wd.open(config.to_dict(), fresh=fresh)
+                # config.json is written once the checkpoint is restored: a refused resume leaves
+                # the run's record (what evaluate reads) as it was.
+                wd.open(config.to_dict(), fresh=fresh, write=False)
         except Exception as e:  # noqa: BLE001 - re-raised by agree_on_start_up, after the other processes learn of it
             problem = e
         agree_on_start_up(problem)
@@ -590,25 +635,14 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
                     "config.init_from.path is not read: the run continues from its own checkpoint%s",
                     " (run_info.json records what step 0 started from)" if recorded else "",
                 )
-        if lead:
-            for warning in durations.warnings(config):
-                log.warning("%s", warning)
-            if config.get("trainable", "all") == "head" and warm is None and step == 0:
-                log.warning("trainable='head' without init_from: a linear probe of a randomly initialised network")
-            wd.write_run_info(
-                devices=jax.device_count(),
-                processes=jax.process_count(),
-                platform=jax.devices()[0].platform,
-                resumed_from=step,
-                steps_per_epoch=durations.steps_per_epoch,
-                total_steps=durations.total_steps,
-                # What a model restored from this run needs (analysis.common.load_model), without the data.
-                dataset_info=dataclasses.asdict(info),
-                # Where the weights of step 0 came from (kept on resume: the source is not read then).
-                **({"init_from": warm.record()} if warm is not None else {}),
-                keep=("init_from",) if step > 0 else (),
-            )
-        logbook = Logbook(workdir, start_step=step, enabled=lead)
+        problem = None
+        try:  # process 0's records: a failure here (disk full) must stop the other processes too
+            if lead:
+                _record_start(config, wd, warm, info, durations, step)
+            logbook = Logbook(workdir, start_step=step, enabled=lead)
+        except Exception as e:  # noqa: BLE001 - re-raised by agree_on_start_up
+            problem = e
+        agree_on_start_up(problem)
         if lead and config.progress_bar:
             from tqdm import tqdm
 
@@ -663,6 +697,21 @@ def _train_loop(config, trainer, durations, state, step, ckpt, logbook, preempt,
             return  # a skipped step changes nothing; its loss stays out of the averages
         window.append(m)
 
+    def missed_eval(step) -> dict[str, float] | None:
+        """The eval of a restored eval step that a preemption saved without it (skipped, or
+        abandoned by the signal); every process reads the same checkpoint metrics, so all of them
+        run it or none. None: preempted again during it. A row already logged is not repeated."""
+        metrics = trainer.evaluate(state, should_stop=eval_stop)
+        if metrics is not None and logbook.logged_eval(step) is None:
+            logbook.write(step, metrics)
+        return metrics
+
+    if 0 < step < durations.total_steps and is_time(step, durations.eval_every_steps, durations.total_steps):
+        if not ckpt.metrics(step):
+            log.info("step %d was saved without its eval (preempted): evaluating it now", step)
+            if missed_eval(step) is None:
+                return None
+            t0 = time.perf_counter()  # (the first logged images/s is of training only)
     while step < durations.total_steps:
         state, metrics = trainer.train_step(state, next(batches))
         step += 1
@@ -721,10 +770,7 @@ def _train_loop(config, trainer, durations, state, step, ckpt, logbook, preempt,
         # final evaluation instead of returning nothing.
         final = {k: float(v) for k, v in (ckpt.metrics(step) or {}).items() if k.startswith("eval/")}
         if not final:
-            final = trainer.evaluate(state, should_stop=eval_stop)
-            if final is None:
-                return None
-            logbook.write(step, final)
+            final = missed_eval(step)
     return final
 
 

@@ -13,14 +13,27 @@ import subprocess
 
 import resnet_jax
 from resnet_jax.errors import UserError
-from resnet_jax.logbook import write_atomic
+from resnet_jax.logbook import METRICS_FILE, write_atomic
 
 CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run_info.json"
 LOCK_FILE = ".lock"
 # Keys that must match to resume (with every key below them): other keys (lr, steps, logging) may
-# change between restarts. trainable: a linear probe's optimizer state has another structure.
-IDENTITY_KEYS = ("model", "dataset.name", "dataset.image_size", "dataset.num_classes", "trainable")
+# change between restarts. trainable and optimizer: the optimizer state has another structure.
+IDENTITY_KEYS = ("model", "dataset.name", "dataset.image_size", "dataset.num_classes", "trainable", "optimizer")
+# Keys a resume may change without a warning: how the run is logged, saved, laid out and compiled.
+_QUIET_KEYS = (
+    "progress_bar",
+    "plot_curves",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "shard_params",
+    "dataset.data_dir",
+    "dataset.manual_dir",
+    "model.scan_blocks",
+    "model.remat",
+)
 # What --fresh sets aside (into ``old-<time>/``): everything a run writes, so the new one starts clean.
 RUN_OUTPUTS = ("checkpoints", "checkpoints-damaged", CONFIG_FILE, RUN_INFO_FILE, "metrics.jsonl", "curves.png")
 RUN_OUTPUT_PATTERNS = ("events.out.tfevents.*", "eval_*.json")
@@ -43,6 +56,15 @@ def _identity_changes(previous: dict, config_dict: dict) -> list[str]:
     old, new = flat_settings(previous), flat_settings(config_dict)
     changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
     return [i for i in IDENTITY_KEYS if any(k == i or k.startswith(i + ".") for k in changed)]
+
+
+def _setting_changes(previous: dict, config_dict: dict) -> dict[str, tuple]:
+    """The other keys whose values differ, ``{key: (old, new)}`` (values as recorded, JSON)."""
+    from resnet_jax.config import flat_settings
+
+    old, new = flat_settings(previous), flat_settings(config_dict)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in _QUIET_KEYS)
+    return {k: (json.loads(old.get(k, "null")), json.loads(new.get(k, "null"))) for k in keys}
 
 
 def git_commit() -> str | None:
@@ -79,6 +101,8 @@ class Workdir:
         check_filesystem_path(path)
         self.path = pathlib.Path(path).absolute()
         self._lock = None
+        # Set by open: the settings (not identity keys) that differ from the recorded config.
+        self.changed_settings: dict[str, tuple] = {}
 
     def open(self, config_dict: dict, *, fresh: bool = False, write: bool = True) -> None:
         """Checks, locks and (``write``) records the config; nothing existing is modified until
@@ -99,7 +123,7 @@ class Workdir:
                     raise UserError(
                         f"{d} is a file, not the run's checkpoint directory; move it away or choose another --workdir"
                     )
-            if not fresh and old.exists() and ckpts.exists() and any(ckpts.iterdir()):
+            if not fresh and old.exists() and self._has_outputs():
                 try:
                     previous = json.loads(old.read_text())
                     if not isinstance(previous, dict):
@@ -110,10 +134,12 @@ class Workdir:
                     ) from None
                 diff = _identity_changes(previous, config_dict)
                 if diff:
+                    what = "checkpoints" if ckpts.is_dir() and any(ckpts.iterdir()) else "the outputs"
                     raise UserError(
-                        f"workdir {self.path} holds checkpoints of a different run ({', '.join(diff)} differ); "
+                        f"workdir {self.path} holds {what} of a different run ({', '.join(diff)} differ); "
                         "use another --workdir, or pass --fresh to set them aside and start over"
                     )
+                self.changed_settings = _setting_changes(previous, config_dict)
             if fresh:
                 self.set_aside()
         except BaseException:
@@ -124,7 +150,22 @@ class Workdir:
         self._lock.write(str(os.getpid()))
         self._lock.flush()
         if write:
-            write_atomic(self.path / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True))
+            self.write_config(config_dict)
+
+    def _has_outputs(self) -> bool:
+        """Whether an earlier run left checkpoints, metrics, event files or results here (a run
+        stopped before its first checkpoint restarts from step 0 over its own outputs)."""
+        ckpts = self.path / "checkpoints"
+        if ckpts.is_dir() and any(ckpts.iterdir()):
+            return True
+        metrics = self.path / METRICS_FILE
+        if metrics.is_file() and metrics.stat().st_size > 0:
+            return True
+        return any(next(self.path.glob(pattern), None) for pattern in RUN_OUTPUT_PATTERNS)
+
+    def write_config(self, config_dict: dict) -> None:
+        """Records the run's config (``config.json``, what evaluate and the analyses read)."""
+        write_atomic(self.path / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True))
 
     def set_aside(self) -> pathlib.Path | None:
         """Moves the outputs of an earlier run into ``old-<time>/`` (never deletes them)."""
@@ -200,6 +241,15 @@ def result_path(workdir: str | pathlib.Path, step: int, crops: int = 1, image_si
     result replaces another's (the results table reads the 10-crop ones)."""
     suffix = ("" if crops == 1 else f"_{crops}crop") + ("" if image_size is None else f"_{image_size}px")
     return pathlib.Path(workdir) / f"eval_{step}{suffix}.json"
+
+
+def other_size(dataset: dict, eval_image_size: int | None) -> int | None:
+    """``eval_image_size`` when it is not the run's own eval crop side (``result_path`` then names
+    it ``_<N>px``), else None. Only imagenet2012 runs are evaluated at a size; theirs defaults to 224."""
+    from resnet_jax.config import IMAGENET_IMAGE_SIZE
+
+    own = dataset.get("eval_image_size") or dataset.get("image_size") or IMAGENET_IMAGE_SIZE
+    return eval_image_size if eval_image_size not in (None, own) else None
 
 
 def load_config_dict(workdir) -> dict:

@@ -132,6 +132,21 @@ def _train_cases(tmp: pathlib.Path) -> dict[str, tuple]:
             ["different run", "model", "--fresh"],
             6,
         ),
+        # Refused before config.json is rewritten: evaluate still reads the run's own config.
+        "different_optimizer": (
+            train(*BASE, "--config.optimizer=lars"),
+            1,
+            ["different run", "optimizer differ", "--fresh"],
+            6,
+        ),
+        # Every checkpoint's arrays are gone (see results): no step restores, and nothing is moved
+        # or rewritten, config.json included (a changed learning rate would be recorded).
+        "all_damaged": (
+            train(*BASE, "--config.learning_rate=0.05"),
+            1,
+            ["no checkpoint in", "can be restored", "pass --fresh"],
+            6,
+        ),
         "workdir_locked": (train(*BASE), 1, ["in use by another live run"], 6),
     }
 
@@ -164,6 +179,10 @@ def results(existing, tmp_path_factory, jax_cache) -> dict:
     for name, (argv, devices, _, _) in train_cases.items():
         wd = tmp / "wd" / name
         shutil.copytree(existing, wd)
+        if name == "all_damaged":
+            for f in (wd / "checkpoints").rglob("*"):
+                if f.is_file() and "ocdbt.process_0" in str(f) and "/d/" in str(f):
+                    f.unlink()
         watch[name] = (wd, snapshot(wd))
         jobs[name] = ([*argv, f"--workdir={wd}"], devices)
     # A workdir whose parent is a regular file cannot be created (chmod does not stop root).
@@ -198,7 +217,10 @@ def results(existing, tmp_path_factory, jax_cache) -> dict:
         "done": done,
         "train_cases": train_cases,
         "evaluate_cases": evaluate_cases,
-        "changed": sorted(name for name, (wd, before) in watch.items() if snapshot(wd) != before),
+        # (.lock: the pid of the last run that passed the workdir checks, as all_damaged did.)
+        "changed": sorted(
+            name for name, (wd, before) in watch.items() if {**snapshot(wd), ".lock": 0} != {**before, ".lock": 0}
+        ),
         "fresh": (fresh, fresh_before),
     }
 
@@ -252,7 +274,12 @@ def test_fresh_sets_the_old_run_aside(results):
         (["--config.model.bn_momentum=1.5", "--workdir=/nonexistent/wd"], "bn_momentum=1.5"),
         # The run's own keys (resnet_jax.config.check_run_config).
         (["--config.batch_size=0", "--workdir=/nonexistent/wd"], "config.batch_size=0; use a positive"),
-        (["--config.seed=-1", "--workdir=/nonexistent/wd"], "config.seed=-1; use a non-negative integer"),
+        (["--config.seed=-1", "--workdir=/nonexistent/wd"], "config.seed=-1; use an integer in [0, 2**31)"),
+        # (jax.random.key wraps seeds above 32 bits; 2**64 and more overflowed with a traceback.)
+        (["--config.seed=99999999999999999999", "--workdir=/nonexistent/wd"], "config.seed=99999999999999999999"),
+        (["--config.eval_every_epochs=inf", "--workdir=/nonexistent/wd"], "eval_every_epochs=inf; use a finite"),
+        (["--config.num_epochs=inf", "--workdir=/nonexistent/wd"], "config.num_epochs=inf; use a finite number"),
+        (["--config.warmup_epochs=nan", "--workdir=/nonexistent/wd"], "config.warmup_epochs=nan; use a finite"),
         (["--config.keep_checkpoints=0", "--workdir=/nonexistent/wd"], "config.keep_checkpoints=0; use at least 1"),
         (["--config.eval_every_epochs=-1", "--workdir=/nonexistent/wd"], "config.eval_every_epochs=-1.0"),
         (["--config.label_smoothing=1.5", "--workdir=/nonexistent/wd"], "config.label_smoothing=1.5; use a number in"),
@@ -296,6 +323,18 @@ def test_command_line_errors_come_before_jax_is_imported(tmp_path, args, needle)
     packages are made unimportable."""
     p = run_without_jax(tmp_path, ["-m", "resnet_jax.train", "--config=experiments/digits.py", *args])
     assert_one_line_error(p, needle, max_lines=1)
+
+
+def test_a_config_file_without_a_base_key_is_one_line(tmp_path):
+    """A config that dropped a key of the base config (``del c["trainable"]``) is refused naming
+    it, not with a KeyError from deep inside the checks."""
+    exp = tmp_path / "exp.py"
+    exp.write_text(
+        "from experiments.digits import get_config as base\n"
+        "def get_config():\n    c = base()\n    del c['trainable']\n    return c\n"
+    )
+    p = run_without_jax(tmp_path, ["-m", "resnet_jax.train", f"--config={exp}", "--workdir=/nonexistent/wd"])
+    assert_one_line_error(p, "config.trainable is missing; build the config on resnet_jax.config.get_base_config()")
 
 
 def run_without_jax(tmp_path: pathlib.Path, argv: list[str], **env_vars: str) -> subprocess.CompletedProcess:
@@ -417,6 +456,37 @@ def test_resuming_compares_the_identity_keys_with_their_defaults(tmp_path):
         Workdir(tmp_path).open({**config, "trainable": "head"}, write=False)
     with pytest.raises(UserError, match=r"\(model differ\)"):
         Workdir(tmp_path).open({**config, "model": {**config["model"], "space_to_depth_stem": True}}, write=False)
+    with pytest.raises(UserError, match=r"\(optimizer differ\)"):  # (SGD's and LARS's states differ)
+        Workdir(tmp_path).open({**config, "optimizer": "lars"}, write=False)
+    # Other settings may change; open reports them (the trainer warns and keeps their history).
+    wd = Workdir(tmp_path)
+    wd.open({**config, "batch_size": 64, "progress_bar": False}, write=False)
+    wd.close()
+    assert wd.changed_settings == {"batch_size": (config["batch_size"], 64)}  # progress_bar: quiet
+
+
+def test_another_runs_outputs_without_checkpoints_are_refused_too(tmp_path):
+    """metrics, event files or results of another model, whose checkpoints were removed, are not
+    silently mixed with a new run's (metrics.jsonl truncated, old eval files kept); the same
+    run's outputs without a checkpoint (stopped before its first) start it over."""
+    from resnet_jax.config import get_base_config
+    from resnet_jax.errors import UserError
+    from resnet_jax.workdir import Workdir
+
+    config = get_base_config().to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    other = {**config, "model": {**config["model"], "name": "resnet18"}}
+    wd = Workdir(tmp_path)
+    wd.open(other, write=False)  # nothing but a config: nothing to mix
+    wd.close()
+    for output in ("metrics.jsonl", "eval_90.json", "events.out.tfevents.1.host"):
+        (tmp_path / output).write_text("{}\n")
+        with pytest.raises(UserError, match=r"holds the outputs of a different run \(model differ\).*--fresh"):
+            Workdir(tmp_path).open(other, write=False)
+        wd = Workdir(tmp_path)
+        wd.open(config, write=False)
+        wd.close()
+        (tmp_path / output).unlink()
 
 
 @pytest.mark.parametrize(

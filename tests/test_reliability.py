@@ -516,3 +516,75 @@ def test_checkpoint_from_8_devices_resumes_on_1_and_on_4_sharded(multi, runs, tm
             np.testing.assert_allclose(
                 np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5, err_msg=jax.tree_util.keystr(path)
             )
+
+
+# --- a preemption at an eval step ----------------------------------------------------------------
+
+# The trainer, with a real SIGTERM sent to itself when its evaluate is called for the N-th time
+# (argv[1]): a preemption notice that arrives while an eval pass runs.
+SIGTERM_AT_EVAL = """
+import os, signal, sys
+import resnet_jax.train as T
+n, calls, evaluate = int(sys.argv.pop(1)), [0], T.Trainer.evaluate
+def interrupted(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate(self, *args, **kwargs)
+T.Trainer.evaluate = interrupted
+T.main(sys.argv)
+"""
+
+
+def tensorboard_purges(wd) -> list[int]:
+    """The purge steps (SessionLog START events) of ``wd``'s TensorBoard event files, read as
+    TFRecords (8-byte length, 4-byte CRC, the Event, 4-byte CRC) without TensorFlow."""
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in sorted(pathlib.Path(wd).glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i + 12 <= len(data):
+            n = int.from_bytes(data[i : i + 8], "little")
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                steps.append(event.step)
+            i += 12 + n + 4
+    return steps
+
+
+def test_a_preemption_at_an_eval_step_loses_no_eval(tmp_path, jax_cache):
+    """Evals at steps 8 and 16 (of 16). A SIGTERM during the eval of step 8 saves step 8 without
+    it; the resume (with another seed: warned of and recorded) runs that eval first, then is
+    stopped during the final one; the next start finishes the final eval, and a start after that
+    logs nothing again. Each eval step has one row, and TensorBoard is told to drop the steps after
+    each resume point."""
+    wd = tmp_path / "run"
+    args = [*RUN, "--config.eval_every_epochs=0.18", f"--workdir={wd}"]  # 45 steps an epoch: every 8
+
+    def interrupted(n: int, *extra: str) -> tuple[int, str]:
+        p = subprocess.run(
+            [sys.executable, "-c", SIGTERM_AT_EVAL, str(n), *args, *extra],
+            cwd=ROOT,
+            env=env_for(jax_cache),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        return p.returncode, p.stderr
+
+    rc, err = interrupted(1)
+    assert rc == 0 and "preempted: saved step 8" in err, err[-3000:]
+    rc, err = interrupted(2, "--config.seed=1")
+    assert rc == 0 and "preempted: saved step 16" in err, err[-3000:]
+    assert "step 8 was saved without its eval (preempted): evaluating it now" in err, err[-3000:]
+    assert "resuming step 8 with other settings than the run's last start: seed 0 -> 1" in err, err[-3000:]
+    for _ in range(2):
+        rc, _, err = run(jax_cache, *args, "--config.seed=1")
+        assert rc == 0, err[-3000:]
+    evals = [r for r in read_metrics(wd) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [8, 16], evals
+    assert all(np.isfinite(r["eval/loss"]) for r in evals)
+    assert sorted(train_rows(wd)) == list(range(1, TOTAL + 1))
+    assert run_info(wd)["setting_changes"] == [{"step": 8, "seed": [0, 1]}]
+    assert sorted(set(tensorboard_purges(wd))) == [1, 9, 17]

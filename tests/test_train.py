@@ -132,19 +132,27 @@ def run_processes(args: list[str], n: int = 2, timeout: int = 300) -> list[tuple
     return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
 
 
-def test_an_error_on_process_0_stops_every_process(tmp_path):
-    """Only process 0 opens the workdir. When it refuses one (checkpoints of another model), the
-    other process stops too, at once and with one line, instead of waiting in its first collective
-    until the distributed runtime's timeout."""
-    (tmp_path / "checkpoints" / "5").mkdir(parents=True)
-    (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "resnet18"}}))
+@pytest.mark.parametrize("problem", ["foreign_checkpoints", "metrics_unwritable"])
+def test_an_error_on_process_0_stops_every_process(tmp_path, problem):
+    """Only process 0 opens the workdir and writes the records. When it refuses one (checkpoints
+    of another model), or fails to start its metrics after the state is initialised (a directory
+    where metrics.jsonl goes), the other process stops too, at once and with one line, instead of
+    waiting in its first collective until the distributed runtime's timeout."""
+    if problem == "foreign_checkpoints":
+        (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+        (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "resnet18"}}))
+        needle = "holds checkpoints of a different run"
+    else:
+        (tmp_path / "metrics.jsonl").mkdir()
+        needle = f"cannot write {tmp_path / 'metrics.jsonl'} (Is a directory); move it away"
     results = run_processes([*SHORT, f"--workdir={tmp_path}"], timeout=120)
     for i, (rc, err) in enumerate(results):
         assert rc == 2 and "Traceback" not in err, (i, err[-3000:])
         assert err.strip().splitlines()[-1].startswith("error: "), (i, err[-3000:])
-    assert "holds checkpoints of a different run" in results[0][1]
+    assert needle in results[0][1]
     assert "process 0 could not start" in results[1][1]
-    assert os.listdir(tmp_path / "checkpoints") == ["5"]  # nothing written
+    if problem == "foreign_checkpoints":
+        assert os.listdir(tmp_path / "checkpoints") == ["5"]  # nothing written
 
 
 def test_one_step_on_imagenet_built_by_tfds(imagenet_data_dir, tmp_path):
@@ -177,8 +185,37 @@ def test_one_step_on_imagenet_built_by_tfds(imagenet_data_dir, tmp_path):
     result = json.loads((tmp_path / "eval_1_48px.json").read_text())
     assert result["step"] == 1 and np.isfinite(result["eval/loss"]) and not (tmp_path / "eval_1.json").exists()
     # The run's own side is no other size: 224 when image_size is unset, as in every ImageNet config.
-    from resnet_jax.evaluate import other_size
+    from resnet_jax.workdir import other_size
 
     assert other_size({"image_size": 32}, 48) == 48 and other_size({"image_size": 32}, 32) is None
     assert other_size({}, 224) is None and other_size({}, 320) == 320 and other_size({}, None) is None
     assert other_size({"image_size": 32, "eval_image_size": 48}, 48) is None
+
+
+def test_a_resume_on_another_number_of_processes_warns_for_sharded_datasets(tmp_path, caplog):
+    """CIFAR and ImageNet hosts read shares fixed by the process count: a resume on another count
+    is warned of (digits gives the same batches on any count: no warning)."""
+    from resnet_jax import data
+    from resnet_jax.config import get_base_config
+    from resnet_jax.schedules import Durations
+    from resnet_jax.train import _record_start
+    from resnet_jax.workdir import Workdir
+
+    info = data.get_info({"name": "digits"})
+    for name, warned in (("cifar10", True), ("digits", False)):
+        c = get_base_config()
+        c.dataset.name = name
+        (tmp_path / "run_info.json").write_text(json.dumps({"processes": 4}))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="resnet_jax"):
+            _record_start(c, Workdir(tmp_path), None, info, Durations.from_config(c, info.num_train), step=5)
+        found = [r.getMessage() for r in caplog.records if "resuming on 1 processes" in r.getMessage()]
+        assert found == (
+            [
+                f"resuming on 1 processes, the run's last start had 4: each reads another share of {name}, "
+                "so the rest of this epoch repeats or skips some examples"
+            ]
+            if warned
+            else []
+        ), name
+        assert json.loads((tmp_path / "run_info.json").read_text())["processes"] == 1
