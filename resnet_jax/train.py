@@ -225,13 +225,13 @@ def train_step(
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
         def keep(grads, opt_state, params):
-            return params, opt_state
+            return params, _counted(opt_state)
 
         if skip_by_cond:
             params, opt_state = jax.lax.cond(finite, update, keep, grads, state["opt_state"], state["params"])
         else:
             new = update(grads, state["opt_state"], state["params"])
-            params, opt_state = select(new, (state["params"], state["opt_state"]))
+            params, opt_state = select(new, (state["params"], _counted(state["opt_state"])))
         batch_stats = select(batch_stats, state["batch_stats"])
         checks["params_finite"] = all_finite(params, fuse_below)
     new = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
@@ -244,6 +244,15 @@ def train_step(
         **checks,
     }
     return new, metrics
+
+
+def _counted(opt_state):
+    """``opt_state`` with optax's step counts (its ``count`` fields) one further: a skipped step
+    keeps the moments, but the learning-rate schedule stays at the run's step (``train/lr``,
+    ``Durations``' boundaries) instead of falling one step behind for each skip."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 1 if getattr(path[-1], "name", None) == "count" else x, opt_state
+    )
 
 
 def _replace(tree, loaded: dict):

@@ -110,6 +110,19 @@ def test_a_non_finite_batch_leaves_the_state_unchanged(guard):
 
 
 @guards
+def test_a_skipped_step_keeps_the_schedule_at_the_runs_step(guard):
+    """A skipped step keeps the momentum but counts in the optimizer's schedule: after a NaN
+    batch and two good ones, the optimizer's step count is the run's (3), so the rate applied at
+    the third step is the schedule's at step 2, as train/lr says."""
+    schedule = optax.piecewise_constant_schedule(0.1, {2: 0.1})  # 0.1 at steps 0-1, then 0.01
+    step, state = make_step(optax.sgd(schedule, momentum=0.9), guard)
+    for nan in (True, False, False):
+        state, _ = step(state, batch(nan=nan))
+    counts = [int(x) for p, x in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0] if "count" in str(p)]
+    assert counts == [int(state["step"])] == [3] and int(state["nonfinite"]) == 1
+
+
+@guards
 def test_an_overflowing_update_is_flagged(guard):
     # Each scale alone keeps a gradient finite; both together overflow float32 for any |g| > 4e-38.
     step, state = make_step(optax.chain(optax.scale(1e38), optax.scale(1e38)), guard)
