@@ -65,6 +65,15 @@ def restore_problem(e: BaseException) -> str:
     return first_line(e, limit=200)
 
 
+# Failures of the machine or the storage, not of the checkpoint's files: setting the newest good
+# checkpoints aside for them (and resuming from an older one) would throw away progress.
+_NOT_DAMAGE = ("RESOURCE_EXHAUSTED", "Out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def _not_damage(e: BaseException, problem: str) -> bool:
+    return isinstance(e, MemoryError) or any(token in problem for token in _NOT_DAMAGE)
+
+
 class _DrainingEventLoop(asyncio.SelectorEventLoop):
     """An event loop whose ``close`` first lets the tasks still on it finish.
 
@@ -172,8 +181,13 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 state = self.restore(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+            except Exception as e:  # noqa: BLE001 - any failure to read means "damaged" ...
                 first = restore_problem(e)
+                if _not_damage(e, first):  # ... but a full device or a storage hiccup is no damage
+                    raise UserError(
+                        f"cannot restore {self.directory / str(step)} now ({first}); nothing was moved: "
+                        "free the memory or wait for the storage, then start again"
+                    ) from None
                 log.warning(
                     "checkpoint %s is damaged (%s); falling back to the previous one", self.directory / str(step), first
                 )

@@ -588,3 +588,41 @@ def test_a_preemption_at_an_eval_step_loses_no_eval(tmp_path, jax_cache):
     assert sorted(train_rows(wd)) == list(range(1, TOTAL + 1))
     assert run_info(wd)["setting_changes"] == [{"step": 8, "seed": [0, 1]}]
     assert sorted(set(tensorboard_purges(wd))) == [1, 9, 17]
+
+
+@pytest.mark.parametrize(
+    "error, damaged", [("RESOURCE_EXHAUSTED: Out of memory allocating 8.0G", False), ("Truncated stream", True)]
+)
+def test_a_full_device_or_a_storage_hiccup_sets_no_checkpoint_aside(tmp_path, monkeypatch, error, damaged):
+    """A newest step that fails to restore for want of memory (or an unavailable storage) stops
+    the start with one line and moves nothing; one whose files fail is set aside and the previous
+    step resumes (the damaged checkpoints above)."""
+    import orbax.checkpoint as ocp
+
+    from resnet_jax.checkpointing import Checkpointer
+    from resnet_jax.errors import UserError
+
+    state = {"w": np.arange(3.0, dtype=np.float32)}
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    for s in (1, 2):
+        ckpt.save(s, state, force=True)
+    restore = Checkpointer.restore
+
+    def failing(self, step, abstract_state):
+        if step == 2:
+            raise RuntimeError(error)
+        return restore(self, step, abstract_state)
+
+    monkeypatch.setattr(Checkpointer, "restore", failing)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, jax.device_put(state))
+    try:
+        if damaged:
+            restored, step = ckpt.restore_latest(abstract)
+            assert step == 1 and np.array_equal(restored["w"], state["w"])
+            assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints-damaged").iterdir()] == ["2"]
+        else:
+            with pytest.raises(UserError, match=r"cannot restore .*/2 now \(RESOURCE_EXHAUSTED.*nothing was moved"):
+                ckpt.restore_latest(abstract)
+            assert complete_steps(tmp_path) == [1, 2] and not (tmp_path / "checkpoints-damaged").exists()
+    finally:
+        ckpt.close()
