@@ -39,6 +39,7 @@ from flax import nnx
 from resnet_jax import cli
 from resnet_jax.errors import UserError, first_line
 from resnet_jax.models.blocks import Bottleneck
+from resnet_jax.models.layers import BatchNorm, Shortcut
 from resnet_jax.models.resnet import ResNet
 from resnet_jax.summary import abstract_model, count_params
 
@@ -119,6 +120,9 @@ def _convert_value(value: np.ndarray, leaf: str) -> np.ndarray:
     return value
 
 
+TORCH_BN_EPSILON = 1e-5  # torch.nn.BatchNorm2d's default, which torchvision's ResNets keep
+
+
 def _check_architecture(model: ResNet) -> None:
     """Refuses models whose shapes would match torchvision's but whose computation would not."""
     if not isinstance(model, ResNet):
@@ -128,9 +132,18 @@ def _check_architecture(model: ResNet) -> None:
             f"torchvision weights need the ImageNet stem; this model has stem {model.stem!r} ({_SUPPORTED})"
         )
     for _, node in nnx.iter_graph(model):
-        # Same parameter shapes, different network: torchvision ("v1.5") strides the 3x3 conv.
+        # Same parameter shapes, different network: torchvision ("v1.5") strides the 3x3 conv;
+        # shortcut 'scaled' has option B's parameters; BatchNorm's epsilon has none.
         if isinstance(node, Bottleneck) and tuple(node.conv1.strides) != (1, 1):
             raise UserError("torchvision bottlenecks stride the 3x3 conv: build the model with stride_in='3x3'")
+        if isinstance(node, Shortcut) and node.kind != "B":
+            raise UserError(
+                f"torchvision ResNets project where the shape changes (shortcut 'B'); this model has {node.kind!r}"
+            )
+        if isinstance(node, BatchNorm) and node.epsilon != TORCH_BN_EPSILON:
+            raise UserError(
+                f"torchvision's BatchNorm uses epsilon {TORCH_BN_EPSILON}; this model has bn_epsilon={node.epsilon}"
+            )
 
 
 def _clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:

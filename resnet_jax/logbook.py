@@ -95,8 +95,13 @@ class Logbook:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # (a full disk): one line; the checkpoints so far are intact
+            raise UserError(
+                f"cannot append to {self.path} at step {step} ({e.strerror}); free space and start again"
+            ) from None
         if any(k.startswith("eval/") for k in row):
             self._evals[row["step"]] = row
         for k, v in metrics.items():

@@ -138,12 +138,17 @@ def test_load_errors(torch):
         load_torchvision(fresh(), {k: v for k, v in sd.items() if k != "layer4.1.bn2.running_var"})
     with pytest.raises(UserError, match=r"fc\.bias has shape \(1000,\).*--num_classes"):
         load_torchvision(abstract_model("resnet18", num_classes=10), sd)
-    with pytest.raises(UserError, match="lacks"):  # option C projects on every block
+    with pytest.raises(UserError, match="this model has 'C'"):  # option C projects on every block
         load_torchvision(fresh(shortcut="C"), sd)
     with pytest.raises(UserError, match="no torchvision counterpart"):
         load_torchvision(abstract_model("preact_resnet18", num_classes=1000), sd)
     with pytest.raises(UserError, match="stride_in='3x3'"):
         load_torchvision(abstract_model("resnet50", num_classes=1000, stride_in="1x1"), sd)
+    # Shapes that fit, another function: 0.5/0.5 scaling, another BatchNorm epsilon.
+    with pytest.raises(UserError, match=r"shortcut 'B'\); this model has 'scaled'"):
+        load_torchvision(fresh(shortcut="scaled"), sd)
+    with pytest.raises(UserError, match=r"epsilon 1e-05; this model has bn_epsilon=0.001"):
+        load_torchvision(fresh(bn_epsilon=1e-3), sd)
     with pytest.raises(UserError, match="ImageNet stem"):
         load_torchvision(abstract_model("cifar_resnet20", num_classes=10), sd)
     # A DataParallel "module." prefix is stripped; num_batches_tracked is ignored (it is in sd).
