@@ -226,7 +226,8 @@ def slurm_script(jobs: list[tuple[pathlib.Path, list[str]]], log_dir: pathlib.Pa
         "CMDS=(",
     ]
     lines += ["  " + shlex.quote(shlex.join(cmd)) for _, cmd in jobs]
-    lines += [")", 'eval "${CMDS[$SLURM_ARRAY_TASK_ID]}"', ""]
+    # srun: --signal goes to the job's steps, not to the batch shell (or what it starts itself).
+    lines += [")", 'eval "srun ${CMDS[$SLURM_ARRAY_TASK_ID]}"', ""]
     return "\n".join(lines)
 
 

@@ -261,6 +261,8 @@ def test_sweep_writes_slurm_array(tmp_path, capsys):
     assert "#SBATCH --array=0-2" in text and text.count("resnet_jax.train") == 3 and "--config.seed=2" in text
     assert f"cd {os.getcwd()}\n" in text and text.count(sys.executable) == 3
     assert "#SBATCH --signal=TERM@120" in text and "#SBATCH --requeue\n" in text  # preemption: save, requeue
+    # The signal reaches job steps only (not the batch shell's own children): the run is one.
+    assert 'eval "srun ${CMDS[$SLURM_ARRAY_TASK_ID]}"' in text
     assert f"#SBATCH --output={(tmp_path / 'r' / 'slurm_logs').absolute()}/" in text
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # never overwrite: a usage error (2), the file as it was
