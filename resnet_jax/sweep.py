@@ -58,6 +58,8 @@ def _check_run(path: str, i: int, r: Any) -> None:
     bad = [k for k in overrides if not isinstance(k, str) or not k]
     if bad:
         raise UserError(f"{path}: run {name!r} has override keys {bad}; keys are config paths such as 'model.name'")
+    if "seed" in overrides:
+        raise UserError(f"{path}: run {name!r} overrides 'seed'; the sweep gives each run its seeds (--seeds)")
     for k, v in overrides.items():
         if isinstance(v, Mapping):
             raise UserError(
@@ -248,6 +250,9 @@ def main(argv=None) -> int:
         bad = [e for e in extra if not e.startswith("--config.")]
         if bad:
             raise UserError(f"unknown arguments {bad}; extra flags must look like --config.key=value")
+        seeded = [e for e in extra if e.split("=", 1)[0] == "--config.seed"]
+        if seeded:  # it would come after --config.seed=k and give every seed directory one seed
+            raise UserError(f"{seeded[0]}: the sweep sets each run's seed (--seeds N: seeds 0 to N-1)")
         runs = load_sweep(args.sweep)
         root = pathlib.Path(args.root or pathlib.Path("runs") / pathlib.Path(args.sweep).stem)
         cli.check_output_dir(root, "--root")

@@ -608,6 +608,9 @@ def test_sweep_output_paths_are_checked_before_anything_is_created(tmp_path, cap
     [
         ("", ["--config.nope=1"], ["run 'a'", "unknown config key 'nope'", "--config.nope"]),
         (", overrides={'model.name': 'nonet'}", [], ["run 'a'", "unknown model 'nonet'"]),
+        # A seed would give every seed<k> directory the same run (it came after --config.seed=k).
+        (", overrides={'seed': 7}", [], ["run 'a' overrides 'seed'", "--seeds"]),
+        ("", ["--", "--config.seed=7"], ["--config.seed=7: the sweep sets each run's seed"]),
     ],
 )
 def test_sweep_checks_the_overrides_once_before_jax(tmp_path, overrides, extra, needles):
