@@ -21,7 +21,8 @@ def read_metrics(workdir) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    # (errors="replace": a line with bytes that are no UTF-8 fails to parse below, and is skipped.)
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -257,6 +257,9 @@ def load_config_dict(workdir) -> dict:
     if not path.exists():
         raise UserError(f"{path} not found: is {workdir} the --workdir of a training run?")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read ({e}); is {workdir} the --workdir of a training run?") from None
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k, {}), dict) for k in ("model", "dataset")):
+        raise UserError(f"{path} is not a run's config (a JSON object with model and dataset); is {workdir} a run?")
+    return cfg

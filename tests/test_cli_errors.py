@@ -674,3 +674,18 @@ def test_convert_bad_out_and_pth_are_one_line(tmp_path, capsys, case, needles):
     argv = ["--model", "resnet18", "--pth", str(tmp_path / pth), "--out", str(tmp_path / out)]
     in_process_error(capsys, convert_main, argv, *needles)
     assert tree(tmp_path) == before
+
+
+def test_a_metrics_file_that_cannot_be_appended_to_is_one_line(tmp_path):
+    """A full disk (here: metrics.jsonl replaced by a directory mid-run) stops the run with one
+    line naming the file and the step, not an OSError traceback."""
+    from resnet_jax.errors import UserError
+    from resnet_jax.logbook import Logbook
+
+    book = Logbook(tmp_path)
+    book.write(1, {"train/loss": 1.0})
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(UserError, match=r"cannot append to .*metrics.jsonl at step 2 \(Is a directory\)"):
+        book.write(2, {"train/loss": 0.5})
+    book.close()

@@ -15,10 +15,17 @@ keys are shown in a "setting" column. Each group shows the mean and the sample s
 (ddof=1, as papers report "mean +- std" over a few runs) of its runs' errors, the number of seeds,
 and the final iteration. Runs without an eval row are skipped with a warning.
 
-The "paper" column is the published number for the same (dataset, model, shortcut), where one
-exists (``PAPER``), beside runs trained as the papers' were (the whole network, from a random
-initialisation: not ``init_from`` or ``trainable='head'`` runs): paper 1's CIFAR-10 Table 6 and ImageNet 10-crop top-1 (Tables 2-4), paper 2's
-Table 1 shortcut variants of ResNet-110 and its pre-activation CIFAR table.
+The "paper" column is the published number for the same (dataset, model, shortcut; for gated
+shortcuts also the gate's bias initialisation), where one exists (``PAPER``, ``GATED_PAPER``),
+beside runs trained and tested as the papers' were: the whole network from a random
+initialisation (not ``init_from`` or ``trainable='head'`` runs), on the test split (not
+``dataset.validation_split``: such rows say "validation" in an "eval split" column), with the
+paper's test views and size. Paper 1's CIFAR-10 Table 6 and ImageNet 10-crop top-1 (Tables 2-4),
+paper 2's Table 1 shortcut variants of ResNet-110 and its pre-activation CIFAR table.
+
+Runs set aside by ``--fresh`` (``WORKDIR/old-<time>/``, a run inside a run's directory) are not
+counted; two runs of one seed in one row, and runs resumed with other settings
+(``run_info.json``'s ``setting_changes``), are warned of.
 
 Usage::
 
@@ -44,7 +51,7 @@ from collections.abc import Iterable, Sequence
 
 from resnet_jax import cli
 from resnet_jax.analysis import common
-from resnet_jax.config import NON_RESULT_KEYS, flat_settings
+from resnet_jax.config import IMAGENET_IMAGE_SIZE, NON_RESULT_KEYS, flat_settings
 from resnet_jax.errors import UserError, describe
 from resnet_jax.logbook import METRICS_FILE, read_metrics
 from resnet_jax.workdir import CONFIG_FILE, result_path
@@ -59,6 +66,7 @@ class PaperNumber:
     error: float
     note: str = ""
     test_size: int | None = None  # the crop side it was tested at, when not the training size
+    views: int = 1  # the test views it was measured with (paper 1's ImageNet: 10-crop)
 
     def __str__(self) -> str:
         return f"{self.error:.2f}" + (f" ({self.note})" if self.note else "")
@@ -74,10 +82,8 @@ PAPER: dict[tuple[str, str, str], PaperNumber] = {
     ("cifar10", "cifar_resnet56", "A"): PaperNumber(6.97),
     ("cifar10", "cifar_resnet110", "A"): PaperNumber(6.43, "best of 5; mean 6.61"),
     ("cifar10", "cifar_resnet1202", "A"): PaperNumber(7.93),
-    # Paper 2, Table 1: ResNet-110 shortcut variants on CIFAR-10 (gates: bias init -6).
+    # Paper 2, Table 1: ResNet-110 shortcut variants on CIFAR-10 (gates: GATED_PAPER).
     ("cifar10", "cifar_resnet110", "scaled"): PaperNumber(12.35),
-    ("cifar10", "cifar_resnet110", "gated"): PaperNumber(8.70),
-    ("cifar10", "cifar_resnet110", "shortcut_gated"): PaperNumber(6.91),
     ("cifar10", "cifar_resnet110", "C"): PaperNumber(12.22),
     # Paper 2, full pre-activation.
     ("cifar10", "cifar_preact_resnet164", "B"): PaperNumber(5.46),
@@ -90,19 +96,42 @@ PAPER: dict[tuple[str, str, str], PaperNumber] = {
     ("cifar10", "cifar_bottleneck_resnet1001", "B"): PaperNumber(7.61),
     ("cifar100", "cifar_bottleneck_resnet1001", "B"): PaperNumber(27.82),
     # Paper 1, ImageNet validation top-1 error, 10-crop testing.
-    ("imagenet2012", "plain18", "none"): PaperNumber(27.94, "10-crop"),
-    ("imagenet2012", "resnet18", "A"): PaperNumber(27.88, "10-crop"),
-    ("imagenet2012", "plain34", "none"): PaperNumber(28.54, "10-crop"),
-    ("imagenet2012", "resnet34", "A"): PaperNumber(25.03, "10-crop"),
-    ("imagenet2012", "resnet34", "B"): PaperNumber(24.52, "10-crop"),
-    ("imagenet2012", "resnet34", "C"): PaperNumber(24.19, "10-crop"),
-    ("imagenet2012", "resnet50", "B"): PaperNumber(22.85, "10-crop"),
-    ("imagenet2012", "resnet101", "B"): PaperNumber(21.75, "10-crop"),
-    ("imagenet2012", "resnet152", "B"): PaperNumber(21.43, "10-crop"),
+    ("imagenet2012", "plain18", "none"): PaperNumber(27.94, "10-crop", views=10),
+    ("imagenet2012", "resnet18", "A"): PaperNumber(27.88, "10-crop", views=10),
+    ("imagenet2012", "plain34", "none"): PaperNumber(28.54, "10-crop", views=10),
+    ("imagenet2012", "resnet34", "A"): PaperNumber(25.03, "10-crop", views=10),
+    ("imagenet2012", "resnet34", "B"): PaperNumber(24.52, "10-crop", views=10),
+    ("imagenet2012", "resnet34", "C"): PaperNumber(24.19, "10-crop", views=10),
+    ("imagenet2012", "resnet50", "B"): PaperNumber(22.85, "10-crop", views=10),
+    ("imagenet2012", "resnet101", "B"): PaperNumber(21.75, "10-crop", views=10),
+    ("imagenet2012", "resnet152", "B"): PaperNumber(21.43, "10-crop", views=10),
     # Paper 2, ImageNet, single 320x320 crop.
     ("imagenet2012", "preact_resnet200", "B"): PaperNumber(20.7, "320 crop", test_size=320),
     ("imagenet2012", "resnet200", "B"): PaperNumber(21.8, "320 crop", test_size=320),
 }
+
+# Paper 2, Table 1's gated ResNet-110s by the gate's bias initialisation b_g (gate_bias_init):
+# (dataset, model, shortcut, b_g) -> error; other b_g have no published number beside them.
+GATED_PAPER: dict[tuple[str, str, str, float], PaperNumber] = {
+    ("cifar10", "cifar_resnet110", "gated", -6.0): PaperNumber(8.70, "b_g -6"),
+    ("cifar10", "cifar_resnet110", "gated", -7.0): PaperNumber(9.81, "b_g -7"),
+    ("cifar10", "cifar_resnet110", "shortcut_gated", -6.0): PaperNumber(6.91, "b_g -6"),
+    ("cifar10", "cifar_resnet110", "shortcut_gated", 0.0): PaperNumber(12.86, "b_g 0"),
+}
+
+
+def paper_number(dataset: str, name: str, shortcut: str, model: dict) -> PaperNumber | None:
+    """The published error for a run's (dataset, model, shortcut), and for gated shortcuts its
+    gate bias initialisation, if there is one."""
+    if shortcut in ("gated", "shortcut_gated"):
+        bias = model.get("gate_bias_init", -6.0)
+        return GATED_PAPER.get((dataset, name, shortcut, float(bias))) if _is_number(bias) else None
+    return PAPER.get((dataset, name, shortcut))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
 
 # Shown in their own columns.
 _OWN_COLUMNS = frozenset({"model.name", "model.shortcut", "dataset.name"})
@@ -119,7 +148,9 @@ class Row:
       shortcut: the shortcut kind used.
       setting: the config keys that set this group apart from the others (``key=value, ...``).
       views: the test views of each error: 1, or 10 (10-crop testing).
-      test_size: the crop side of ``evaluate --eval_image_size`` (None: the run's own eval size).
+      test_size: the crop side of the test, when not the training size (``evaluate
+        --eval_image_size``, or the run's own ``dataset.eval_image_size``).
+      split: 'test', or 'validation' (``dataset.validation_split``: held out of the training set).
       errors: each run's final test error, %.
       steps: each run's final eval step.
       workdirs: the runs.
@@ -132,6 +163,7 @@ class Row:
     setting: str
     views: int
     test_size: int | None
+    split: str
     errors: list[float]
     steps: list[int]
     workdirs: list[str]
@@ -176,6 +208,11 @@ def final_test_error(workdir: str | pathlib.Path, eval_crops: int = 1) -> tuple[
     if not evals:
         return None
     last = max(evals, key=lambda r: r["step"])
+    if not (_is_number(last["eval/top1_acc"]) and _is_number(last["step"])):
+        raise UserError(
+            f"{pathlib.Path(workdir) / METRICS_FILE}: the last eval row (step {last['step']!r}) has "
+            f"eval/top1_acc={last['eval/top1_acc']!r}, not a number; fix or move the run away"
+        )
     step, acc, views = int(last["step"]), float(last["eval/top1_acc"]), int(eval_crops)
     ten = result_path(workdir, step, 10)
     if views == 1 and ten.is_file():
@@ -230,7 +267,9 @@ def find_workdirs(root: str | pathlib.Path) -> list[pathlib.Path]:
         raise UserError(f"--root {root} is not a directory; give the folder that holds the run directories")
     if not root.is_dir():
         raise UserError(f"--root {root} does not exist")
-    return sorted(p.parent for p in root.rglob(CONFIG_FILE))
+    found = {p.parent for p in root.rglob(CONFIG_FILE)}
+    # A run inside another run's directory is one that --fresh set aside (old-<time>/): not a seed.
+    return sorted(d for d in found if not any(a in found for a in d.parents))
 
 
 def _sort_key(row: Row) -> tuple:
@@ -244,6 +283,7 @@ def _sort_key(row: Row) -> tuple:
         row.setting,
         row.test_size or 0,
         row.views,
+        row.split,
     )
 
 
@@ -272,8 +312,19 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
             log.warning(
                 "%s is unfinished: its last eval is at step %d of %d (shown in 'iterations')", wd, final[0], total
             )
+        changes = common.run_info(pathlib.Path(wd)).get("setting_changes")
+        if changes:
+            log.warning(
+                "%s was resumed with other settings (run_info.json setting_changes: %s): it is grouped by its "
+                "newest config.json",
+                wd,
+                json.dumps(changes),
+            )
         flat = _settings(wd, cfg)
-        runs.append((str(wd), cfg, flat, (*final, None)))
+        dataset_cfg = cfg.get("dataset", {})
+        own = dataset_cfg.get("eval_image_size")
+        own = own if own not in (None, dataset_cfg.get("image_size") or IMAGENET_IMAGE_SIZE) else None
+        runs.append((str(wd), cfg, flat, (*final, own)))
         runs += [(str(wd), cfg, flat, r) for r in other_size_results(wd, final[0])]
     keys = sorted({k for _, _, flat, _ in runs for k in flat})
     varying = [
@@ -284,19 +335,40 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
         and len({flat.get(k, "<unset>") for _, _, flat, _ in runs}) > 1
     ]
     groups: dict[tuple, Row] = {}
+    seeds: dict[tuple, dict] = {}
     for wd, cfg, flat, (step, error, views, size) in runs:
         dataset = str(cfg.get("dataset", {}).get("name", "?"))
         name = str(cfg.get("model", {}).get("name", "?"))
         shortcut = common.resolved_shortcut(cfg)
+        split = "validation" if cfg.get("dataset", {}).get("validation_split") else "test"
         setting = ", ".join(f"{k}={json.loads(flat[k]) if k in flat else 'unset'}" for k in varying)
-        key = (dataset, name, shortcut, setting, views, size)
+        key = (dataset, name, shortcut, setting, views, size, split)
         if key not in groups:
-            paper = PAPER.get((dataset, name, shortcut))
-            # Beside the results of the protocol it was measured with only (paper 2's 320 crops),
-            # and of networks trained as the papers' were: whole, from a random initialisation.
+            paper = paper_number(dataset, name, shortcut, cfg.get("model", {}))
+            # Beside the results of the protocol it was measured with only (test split, views,
+            # paper 2's 320 crops), and of networks trained as the papers' were: whole, from a
+            # random initialisation.
             from_scratch = json.loads(flat["init_from"]) is None and cfg.get("trainable", "all") == "all"
-            paper = paper if paper is not None and paper.test_size == size and from_scratch else None
-            groups[key] = Row(dataset, name, shortcut, setting, views, size, [], [], [], paper)
+            protocol = paper is not None and (paper.test_size, paper.views, "test") == (size, views, split)
+            groups[key] = Row(
+                dataset,
+                name,
+                shortcut,
+                setting,
+                views,
+                size,
+                split,
+                [],
+                [],
+                [],
+                paper if protocol and from_scratch else None,
+            )
+        seed = cfg.get("seed")
+        if seed in seeds.setdefault(key, {}) and seeds[key][seed] != wd:
+            log.warning(
+                "%s and %s both ran seed %s of one setting: the row counts it twice", seeds[key][seed], wd, seed
+            )
+        seeds[key].setdefault(seed, wd)
         groups[key].errors.append(error)
         groups[key].steps.append(step)
         groups[key].workdirs.append(wd)
@@ -304,8 +376,8 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
 
 
 _HEADER = (
-    "dataset", "model", "shortcut", "setting", "seeds", "iterations", "test views", "test size", "test error (%)",
-    "paper (%)",
+    "dataset", "model", "shortcut", "setting", "seeds", "iterations", "test views", "test size", "eval split",
+    "test error (%)", "paper (%)",
 )  # fmt: skip
 _NUMERIC = ("seeds", "iterations", "test views", "test size", "test error (%)", "paper (%)")
 
@@ -314,7 +386,7 @@ def _cells(row: Row, pm: str) -> list[str]:
     paper = str(row.paper) if row.paper else "–"
     return [
         row.dataset, row.model, row.shortcut, row.setting, str(row.n), row.steps_text(), str(row.views),
-        str(row.test_size) if row.test_size else "as trained", row.error_text(pm), paper,
+        str(row.test_size) if row.test_size else "as trained", row.split, row.error_text(pm), paper,
     ]  # fmt: skip
 
 
@@ -325,6 +397,8 @@ def _columns(rows: Sequence[Row]) -> list[int]:
         "setting": any(r.setting for r in rows),
         "test views": any(r.views != 1 or r.dataset == "imagenet2012" for r in rows),
         "test size": any(r.test_size for r in rows),
+        # validation_split runs: the error is on the 5k images held out of the training set.
+        "eval split": any(r.split != "test" for r in rows),
     }
     return [i for i, h in enumerate(_HEADER) if shown.get(h, True)]
 
