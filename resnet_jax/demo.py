@@ -8,7 +8,9 @@ DIR/degradation.png (training error, plain vs residual, in the style of paper 1,
 DIR/results.md and DIR/results.json
 (``{"cifar_plain20": {"train_top1_err": ..., "test_top1_err": ...}, ...}``, errors as fractions).
 The training error of a run is the mean training-batch error over its last epoch (train mode, as
-the paper's curves). Finished runs are not trained again when the demo is started again.
+the paper's curves). Finished runs are not trained again when the demo is started again; a run
+already past the steps asked for (an earlier, longer demo in the same --workdir) is refused, not
+reported as if it were the shorter run.
 """
 
 from __future__ import annotations
@@ -126,9 +128,33 @@ def check_models(models) -> tuple[str, ...]:
     return tuple(models)
 
 
+def latest_step(workdir: pathlib.Path) -> int | None:
+    """The newest finalised checkpoint step of a run (what training resumes from), or None."""
+    from resnet_jax.checkpointing import checkpoint_dir, has_checkpoints
+
+    if not has_checkpoints(workdir):
+        return None
+    import orbax.checkpoint as ocp
+
+    return max(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
+
+
+def check_not_past(workdir: pathlib.Path, total_steps: int, num_steps: int | None) -> None:
+    """Refuses a run that is already past ``total_steps``: training would only resume it (the
+    trainer warns and trains nothing) and the tables would show the longer run as the one asked for."""
+    step = latest_step(workdir)
+    if step is not None and step > total_steps:
+        asked = f"--num_steps={num_steps}" if num_steps is not None else "the experiment's budget"
+        raise UserError(
+            f"{workdir} holds a run trained to step {step}, past the {total_steps} steps asked for ({asked}); "
+            f"use another --workdir (or remove {workdir})"
+        )
+
+
 def run_demo(out_dir: str, num_steps: int | None = None, models=MODELS) -> dict[str, dict[str, float]]:
     """Trains ``models`` (skipping finished runs) and writes the figure and tables; ``num_steps``
-    (None: the experiment's budget) must be positive."""
+    (None: the experiment's budget) must be positive. Raises UserError, before anything is
+    trained, if a run in ``out_dir`` is already past the steps asked for."""
     models = check_models(models)
     check_num_steps(num_steps)
     from resnet_jax.data import get_info
@@ -136,14 +162,18 @@ def run_demo(out_dir: str, num_steps: int | None = None, models=MODELS) -> dict[
     from resnet_jax.train import train_and_evaluate
 
     out = pathlib.Path(out_dir)
-    runs, results = {}, {}
+    plan = []
     for name in models:
         config = demo_config(name, num_steps)
+        durations = Durations.from_config(config, get_info(config.dataset).num_train)
+        check_not_past(out / name, durations.total_steps, num_steps)
+        plan.append((name, config, durations.steps_per_epoch))
+    runs, results = {}, {}
+    for name, config, spe in plan:
         wd = out / name
         start = time.perf_counter()
         train_and_evaluate(config, str(wd))
         print(f"{name}: trained in {time.perf_counter() - start:.0f} s", flush=True)
-        spe = Durations.from_config(config, get_info(config.dataset).num_train).steps_per_epoch
         runs[name], results[name] = wd, summarize(wd, spe)
     plot(out, runs)
     write_tables(out, results)

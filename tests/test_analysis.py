@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli_env import assert_one_line_error, tree, user_env
@@ -50,12 +52,13 @@ def one_line_error(capsys) -> str:
 # --- layer responses ----------------------------------------------------------------------------
 
 
-def test_layer_responses_one_positive_value_per_block(images):
-    """One finite, positive std per block (3 for a CIFAR 8-layer net), plain nets included; the
-    model's mode is untouched; in train mode BN (scale 1, bias 0) makes each response std ~1."""
+def test_layer_responses_one_positive_value_per_conv_layer(images):
+    """One finite, positive std per conv layer (the stem and 2 per block: 7 for a CIFAR 8-layer
+    net), plain nets included; the model's mode is untouched; in train mode BN (scale 1, bias 0)
+    makes each response std ~1."""
     model = tiny("cifar_resnet8", zero_init_last_bn=False)
     values = layer_responses.layer_responses(model, images)
-    assert values.shape == (3,) and values.dtype == np.float64
+    assert values.shape == (7,) and values.dtype == np.float64
     assert np.all(np.isfinite(values)) and np.all(values > 0)
     # Chunking pools the moments exactly.
     np.testing.assert_allclose(layer_responses.layer_responses(model, images, batch_size=6), values, rtol=1e-5)
@@ -63,15 +66,78 @@ def test_layer_responses_one_positive_value_per_block(images):
     np.testing.assert_allclose(train, 1.0, atol=1e-3)
     assert model.bn1.use_running_average is False  # still in the train mode create_model returns
     plain = layer_responses.layer_responses(tiny("cifar_plain8", zero_init_last_bn=True), images)
-    assert plain.shape == (3,) and np.all(plain > 0)  # a plain block is never zero-initialised
+    assert plain.shape == (7,) and np.all(plain > 0)  # a plain block is never zero-initialised
 
 
 def test_layer_responses_zero_init_is_exactly_zero(images):
-    """A zero-initialised last BN scale makes every branch output exactly 0: in train mode, and in
-    eval mode too (running mean 0, var 1: the output is 0 * x / sqrt(1 + eps) + 0)."""
+    """A zero-initialised last BN scale makes every branch output (each block's second layer)
+    exactly 0: in train mode, and in eval mode too (running mean 0, var 1: the output is
+    0 * x / sqrt(1 + eps) + 0); the stem and each block's first layer are not zero."""
     model = tiny("cifar_resnet8", zero_init_last_bn=True)
-    assert np.all(layer_responses.layer_responses(model, images, train=True) == 0.0)
-    assert np.all(layer_responses.layer_responses(model, images) == 0.0)
+    for train in (True, False):
+        values = layer_responses.layer_responses(model, images, train=train)
+        # [stem, block1 conv1, block1 conv2, ...]: every block's conv2 (bn2) is zero.
+        assert np.all(values[2::2] == 0.0) and values[0] > 0 and np.all(values[1::2] > 0), (train, values)
+
+
+def _perturbed(model, seed=0):
+    """``model`` with non-trivial weights and BN running statistics (positive variances), in eval mode."""
+    rng = np.random.default_rng(seed)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p: p + 0.3 * rng.normal(size=p.shape).astype(np.float32), params))
+    stats = nnx.to_flat_state(nnx.state(model, nnx.BatchStat))
+    new = {}
+    for path, v in stats:
+        noise = rng.normal(size=v.shape).astype(np.float32)
+        new[path] = v[...] * np.exp(0.5 * noise) if path[-1] == "var" else v[...] + 0.5 * noise
+    nnx.update(model, nnx.from_flat_state(list(new.items())))
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_plain20"])
+def test_layer_responses_are_every_3x3_layer_of_a_20_layer_net(name, images):
+    """Paper 1, Fig. 7: "the outputs of each 3x3 layer, after BN and before other nonlinearity
+    (ReLU/addition)". A 20-layer CIFAR net has 19 such layers: the stem and 2 per block x 9 blocks
+    (before: 9 values, one per block, bn2's only). Each value is the std of a hand-written forward's
+    bn1 (before the ReLU) and bn2 (before the addition) outputs on the same weights and running
+    statistics; a scan_blocks=True build of the same weights gives the same values."""
+    model = _perturbed(tiny(name, zero_init_last_bn=False, scan_blocks=False))
+    values = layer_responses.layer_responses(model, images)
+    names = model.conv_response_names()
+    assert len(values) == len(names) == 19 == 1 + 2 * 9
+    expected_names = ["stem"] + [f"stage{i}.block{j}.conv{k}" for i in (1, 2, 3) for j in (1, 2, 3) for k in (1, 2)]
+    assert names == expected_names
+
+    # The hand-written forward, eval mode (the model was switched): stem conv-BN-ReLU, then per
+    # block conv1-bn1 | ReLU | conv2-bn2 | + shortcut, ReLU.
+    x = jnp.asarray(images)
+    h = model.bn1(model.conv1(x))
+    expected = [np.std(np.asarray(h, np.float64))]
+    x = jax.nn.relu(h)
+    for stage in model.stages:
+        for block in stage.blocks:
+            h1 = block.bn1(block.conv1(x))
+            h2 = block.bn2(block.conv2(jax.nn.relu(h1)))
+            expected += [np.std(np.asarray(h1, np.float64)), np.std(np.asarray(h2, np.float64))]
+            x = block(x)  # the block's own forward: relu(shortcut + h2), or relu(h2) in a plain net
+    np.testing.assert_allclose(values, expected, rtol=1e-4)
+    np.testing.assert_allclose(model(jnp.asarray(images)), model.fc(jnp.mean(x, axis=(1, 2))), rtol=1e-4, atol=1e-5)
+    # bn1's outputs (before the ReLU) are the odd-numbered block layers: not bn2's.
+    assert not np.allclose(values[1::2], values[2::2], rtol=1e-2)
+
+    scanned = create_model(name, num_classes=10, rngs=nnx.Rngs(0), width=4, zero_init_last_bn=False, scan_blocks=True)
+    assert all(s.scanned is not None for s in scanned.stages)
+    state = nnx.to_pure_dict(nnx.state(model))
+    for i, stage in state["stages"].items():
+        blocks = stage["blocks"]
+        rest = [blocks[j] for j in range(1, len(blocks))]
+        state["stages"][i] = {"blocks": {0: blocks[0]}, "scanned": jax.tree.map(lambda *a: jnp.stack(a), *rest)}
+    scanned_state = nnx.state(scanned)
+    nnx.replace_by_pure_dict(scanned_state, state)
+    nnx.update(scanned, scanned_state)
+    assert scanned.conv_response_names() == names
+    np.testing.assert_allclose(layer_responses.layer_responses(scanned, images), values, rtol=1e-5)
 
 
 def test_plot_layer_responses(tmp_path):
@@ -119,7 +185,7 @@ def test_cli_on_initialised_models(tmp_path, capsys):
     assert layer_responses.main(argv) == 0
     assert is_png(out)
     printed = capsys.readouterr().out
-    assert "plain-8 (init): 3 blocks" in printed and "ResNet-8 (init): 3 blocks" in printed
+    assert "plain-8 (init): 7 conv layers" in printed and "ResNet-8 (init): 7 conv layers" in printed
     js = tmp_path / "grad.json"
     argv = ["--models", "cifar_resnet8", *common, "--out", str(tmp_path / "grad.png"), "--json", str(js)]
     assert gradient_flow.main(argv) == 0
@@ -475,7 +541,8 @@ def test_layer_responses_cli_on_checkpoint(digits_run, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert is_png(out)
     (entry,) = json.loads(js.read_text()).values()
-    assert entry["step"] == 3 and len(entry["std"]) == 3 and all(v > 0 for v in entry["std"])
+    assert entry["step"] == 3 and len(entry["std"]) == 7 and all(v > 0 for v in entry["std"])
+    assert entry["layers"][:3] == ["stem", "stage1.block1.conv1", "stage1.block1.conv2"] and len(entry["layers"]) == 7
     assert "ResNet-8" in p.stdout
 
 

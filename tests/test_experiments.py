@@ -309,6 +309,35 @@ def test_demo_writes_figure_and_tables(tmp_path):
         assert cfg["model"]["name"] == name and cfg["dataset"]["name"] == "digits" and cfg["num_steps"] == 2
 
 
+def test_demo_refuses_a_longer_run_in_its_workdir(tmp_path):
+    """A workdir holding a longer demo (here a fabricated checkpoint step 8, as --num_steps=8 leaves)
+    is refused at --num_steps=4 with a one-line error, before anything is trained (before: the
+    trainer only warned "resuming step 8 ... num_steps 8 -> 4" and the demo printed the 8-step
+    table as the 4-step one). A run at or below the steps asked for is resumed as before."""
+    from resnet_jax import demo
+
+    (tmp_path / "cifar_resnet8" / "checkpoints" / "8" / "default").mkdir(parents=True)
+    assert demo.latest_step(tmp_path / "cifar_resnet8") == 8 and demo.latest_step(tmp_path / "cifar_plain8") is None
+    needle = f"{tmp_path / 'cifar_resnet8'} holds a run trained to step 8, past the 4 steps asked for (--num_steps=4)"
+    with pytest.raises(UserError, match=re.escape(needle) + ".*use another --workdir"):
+        demo.run_demo(str(tmp_path), num_steps=4, models=["cifar_plain8", "cifar_resnet8"])
+    assert not (tmp_path / "cifar_plain8").exists()  # checked before the first run is trained
+    demo.check_not_past(tmp_path / "cifar_resnet8", 8, 8)  # the same length: resumed (nothing to train)
+    demo.check_not_past(tmp_path / "cifar_resnet8", 16, 16)  # longer: resumed and trained on
+
+    p = subprocess.run(
+        [sys.executable, "-m", "resnet_jax.demo", f"--workdir={tmp_path}", "--num_steps=4", "--models=cifar_resnet8"],
+        cwd=ROOT,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr[-3000:])
+    err = p.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err, err
+
+
 def test_demo_defaults_and_bad_models():
     """The demo trains the README's four networks by default; a bad --models is refused before
     anything is trained."""

@@ -228,6 +228,10 @@ def test_scanned_stage_equals_unrolled_blocks(name):
 
     train_u, train_s = run_unrolled(unrolled, x), compiled(block_outputs, scanned, x)(scanned, x)
     assert len(train_u[1]) == len(train_s[1]) == 3 * n
+    # The compared parts include every branch conv's response (2 per basic block, 3 per bottleneck).
+    per_block = 3 if "preact" in name else 2  # cifar_preact_resnet20 is a bottleneck net (9n + 2)
+    assert all(len(p["responses"]) == len(q["responses"]) == per_block for p, q in zip(train_u[1], train_s[1]))
+    assert scanned.conv_response_names() == unrolled.conv_response_names()
     _assert_trees_close(train_u, train_s, "train-mode (logits, block parts)")
     _assert_trees_close(stacked_state(unrolled), nnx.to_pure_dict(nnx.state(scanned)), "state after a train-mode call")
 
@@ -517,7 +521,9 @@ def _expected_block_shapes(name, sizes, size, expansion):
 def test_block_outputs(name, size, expansion):
     """One entry per block; residual and shortcut shapes are the block outputs' shapes; the logits are
     ``model(x)``'s; where the shortcut is the identity it is the previous block's output (the parts
-    recombine: relu(s + r) post-activation, s + r pre-activation); plain nets have no shortcut."""
+    recombine: relu(s + r) post-activation, s + r pre-activation); plain nets have no shortcut.
+    ``responses``: one per branch conv (2 basic, 3 bottleneck), the last being ``residual``, the
+    others at the branch's inner width; ``conv_responses`` is the stem's and then these, named."""
     model = tiny(name, zero_init_last_bn=False)
     x = images(size)
     logits, parts = model.block_outputs(x)
@@ -527,9 +533,12 @@ def test_block_outputs(name, size, expansion):
     shapes = _expected_block_shapes(name, sizes, size, expansion)
     plain = "plain" in name
     preact = "preact" in name
+    per_block = 3 if expansion == 4 else 2
     for k, (p, shape) in enumerate(zip(parts, shapes)):
-        assert set(p) == {"residual", "shortcut", "output"}
+        assert set(p) == {"residual", "shortcut", "responses", "output"}
         assert p["residual"].shape == shape and p["output"].shape == shape, k
+        assert len(p["responses"]) == per_block and p["responses"][-1] is p["residual"], k
+        assert all((r.shape[0], r.shape[-1]) == (BATCH, shape[-1] // expansion) for r in p["responses"][:-1]), k
         if not plain and k + 1 < len(parts) and shapes[k + 1] == shape:  # the next block's identity input
             np.testing.assert_allclose(parts[k + 1]["shortcut"], p["output"], rtol=1e-6, atol=1e-6)
         if plain:
@@ -540,6 +549,18 @@ def test_block_outputs(name, size, expansion):
             out = p["shortcut"] + p["residual"]
             out = out if preact else jax.nn.relu(out)
             np.testing.assert_allclose(parts[k + 1]["shortcut"], out, rtol=1e-5, atol=1e-5)
+
+    conv_logits, responses = model.conv_responses(x)
+    np.testing.assert_allclose(conv_logits, logits, rtol=1e-6, atol=1e-6)
+    names = model.conv_response_names()
+    assert len(responses) == len(names) == 1 + per_block * sum(sizes)
+    assert (
+        names[:2] == ["stem", "stage1.block1.conv1"]
+        and names[-1] == f"stage{len(sizes)}.block{sizes[-1]}.conv{per_block}"
+    )
+    flat_parts = [r for p in parts for r in p["responses"]]
+    for r, q in zip(responses[1:], flat_parts):
+        np.testing.assert_array_equal(r, q)
 
 
 @pytest.mark.parametrize("name,size", [("cifar_resnet8", 8), ("cifar_preact_resnet20", 8), ("resnet18", 32)])
@@ -574,6 +595,16 @@ def test_block_outputs_scanned_under_jit():
         np.testing.assert_allclose(p["residual"], q["residual"], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(p["shortcut"], q["shortcut"], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(p["output"], q["output"], rtol=1e-5, atol=1e-5)
+        assert len(p["responses"]) == len(q["responses"]) == 2
+        for u, v in zip(p["responses"], q["responses"]):
+            np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+    # Every conv layer's response (stem + 2 per block), scanned under jit = unrolled.
+    _, responses = nnx.jit(lambda m, x: m.conv_responses(x))(scanned, x)
+    _, ref_responses = model.conv_responses(x)
+    assert len(responses) == len(ref_responses) == 13
+    assert scanned.conv_response_names() == model.conv_response_names()
+    for u, v in zip(responses, ref_responses):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,34 @@
-"""Layer responses (paper 1, Fig. 7): the standard deviation of each residual branch's output.
+"""Layer responses (paper 1, Fig. 7): the standard deviation of each convolutional layer's output.
 
-For every block, the response is the branch output ``F(x)`` after its last BatchNorm and before
-the addition (and the ReLU after it); in a plain network it is the block's output before its last
-ReLU, the same place in the same layers. A pre-activation block (paper 2) has no BN after its last
-convolution: its response is that convolution's output. Paper 1 finds that ResNets respond more weakly than plain
-nets, and deeper ResNets more weakly still: the residual functions are close to zero.
+Paper 1: "The responses are the outputs of each 3x3 layer, after BN and before other nonlinearity
+(ReLU/addition)." One value per convolution on the main path, in network order
+(``ResNet.conv_responses`` / ``conv_response_names``):
+
+* the stem conv first (after its BN, before its ReLU; a CIFAR pre-activation stem has no BN: its
+  bare output);
+* then, block by block, each convolution of the residual branch after its BN and before the ReLU
+  or the addition: for basic blocks (the CIFAR nets, ResNet-18/34) ``conv1`` (bn1's output, before
+  the ReLU) and ``conv2`` (bn2's, the branch output before the addition). A 20-layer CIFAR net
+  gives 1 + 2 x 9 = 19 values, a 56-layer one 55, a 110-layer one 109. In a plain network the
+  same layers (the last one is before the block's ReLU).
+* Bottleneck blocks (no Fig. 7 in paper 1): all three convolutions, ``conv1`` (1x1), ``conv2``
+  (3x3) and ``conv3`` (1x1); the names in the JSON tell them apart.
+* Pre-activation blocks (paper 2), where BN comes before the convolution: each convolution's
+  output after the BN that follows it, before that BN's ReLU (``conv1`` -> ``bn2``), and the last
+  convolution's bare output (it feeds the addition with no BN in between).
+
+Projection shortcuts (1x1 convs) are not included.
 
 Definition used here: the population standard deviation (ddof=0) of all ``N * H * W * C`` values
-of a block's response over the images (batch, spatial positions and channels pooled), computed in
+of a layer's response over the images (batch, spatial positions and channels pooled), computed in
 eval mode (BatchNorm uses its running statistics, as at test time) unless ``train=True``. Images
 are processed in chunks; the per-chunk means and variances are merged exactly (pooled variance).
 
 For a freshly initialised network neither mode says much: the running statistics are still
 mean 0, variance 1, so in eval mode BN passes the convolution output through nearly unchanged,
 and in train mode each response is normalised to std ~1 (scale 1, bias 0) by construction. With
-a zero-initialised last BN scale (the zoo's default) every residual response is exactly 0.
+a zero-initialised last BN scale (the zoo's default) the last response of every residual block
+is exactly 0.
 
 Usage::
 
@@ -26,8 +40,11 @@ Usage::
   python -m resnet_jax.analysis.layer_responses --models cifar_plain20 cifar_resnet20 --dataset digits \
       --out init.png [--width 16] [--zero_init_last_bn false] [--seed 0]
 
-Library: ``layer_responses(model, images) -> np.ndarray [num_blocks]`` and
-``plot_layer_responses({label: values}, out, plain_labels=...)``.
+The JSON holds, per label, ``"layers"`` (the names, e.g. ``stem``, ``stage1.block1.conv1``) and
+``"std"`` (one value per layer, the same order), with the run's workdir, step and model.
+
+Library: ``layer_responses(model, images) -> np.ndarray [num_layers]`` (names:
+``model.conv_response_names()``) and ``plot_layer_responses({label: values}, out, plain_labels=...)``.
 """
 
 from __future__ import annotations
@@ -52,17 +69,17 @@ DEFAULT_OUT = "layer_responses.png"
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "train"))
 def _chunk_moments(graphdef, state, images, *, train: bool):
-    """Per block: the mean and (population) variance of the response over one chunk of images."""
+    """Per layer: the mean and (population) variance of the response over one chunk of images."""
     model = nnx.merge(graphdef, state)
     # The mode is set on this traced copy only: the caller's model is never switched or updated.
     if train:
         model.train()
     else:
         model.eval()
-    _, parts = model.block_outputs(images)
+    _, responses = model.conv_responses(images)
     means, variances = [], []
-    for part in parts:
-        r = part["residual"].astype(jnp.float32)  # bf16 runs: the moments in float32
+    for r in responses:
+        r = r.astype(jnp.float32)  # bf16 runs: the moments in float32
         m = jnp.mean(r)
         # Two-pass variance: exactly 0 for a zero response (zero-initialised last BN).
         means.append(m)
@@ -71,7 +88,7 @@ def _chunk_moments(graphdef, state, images, *, train: bool):
 
 
 def layer_responses(model, images, *, train: bool = False, batch_size: int = 256) -> np.ndarray:
-    """The standard deviation of each block's residual-branch output.
+    """The standard deviation of each convolutional layer's response (after BN, before ReLU/addition).
 
     Args:
       model: a ``ResNet`` of the zoo (residual or plain), in any mode; it is not modified.
@@ -81,9 +98,10 @@ def layer_responses(model, images, *, train: bool = False, batch_size: int = 256
       batch_size: images per forward pass; the moments of the chunks are pooled exactly.
 
     Returns:
-      ``float64 [num_blocks]``, in network order: the population std (ddof=0) over all
-      ``N * H * W * C`` values of the block's response, after the branch's last BN and before the
-      addition.
+      ``float64 [num_layers]``, in network order (the names: ``model.conv_response_names()``):
+      the population std (ddof=0) over all ``N * H * W * C`` values of each layer's response:
+      the stem conv's, then each block's convolutions', after their BN and before the ReLU or
+      the addition (see the module docstring; 1 + 2 per block for basic blocks).
 
     Raises:
       ValueError: no images, or ``batch_size < 1``.
@@ -98,11 +116,11 @@ def layer_responses(model, images, *, train: bool = False, batch_size: int = 256
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         m, v = _chunk_moments(graphdef, state, chunk, train=train)
-        weights.append(len(chunk))  # every block sees the same H*W*C per image: weight by images
+        weights.append(len(chunk))  # every layer sees the same H*W*C per image: weight by images
         means.append(np.asarray(m, np.float64))
         variances.append(np.asarray(v, np.float64))
     w = np.asarray(weights, np.float64)[:, None] / sum(weights)
-    means, variances = np.stack(means), np.stack(variances)  # [chunks, blocks]
+    means, variances = np.stack(means), np.stack(variances)  # [chunks, layers]
     mean = (w * means).sum(0)
     # Pooled variance: within-chunk variance plus the spread of the chunk means.
     var = (w * (variances + (means - mean) ** 2)).sum(0)
@@ -119,7 +137,8 @@ def plot_layer_responses(
     """Fig. 7 of paper 1: the responses by layer index (top) and sorted by magnitude (bottom).
 
     Args:
-      responses: label -> one std per block, in network order.
+      responses: label -> one std per layer, in network order (``layer_responses``: the stem conv
+        first, then each block's convolutions).
       out: the PNG to write (replaced if it exists).
       plain_labels: the labels of plain networks, drawn dashed (residual networks solid).
       title: an optional figure title.
@@ -136,10 +155,12 @@ def plot_layer_responses(
             values = np.asarray(values, np.float64)
             style = dict(color=f"C{i % 10}", linestyle="--" if label in plain_labels else "-", linewidth=1.2)
             x = np.arange(1, len(values) + 1)
-            ax1.plot(x, values, label=label, **style)
-            ax2.plot(x, np.sort(values)[::-1], label=label, **style)
-        ax1.set(xlabel="layer index (original)", ylabel="std")
-        ax2.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
+            legend = f"{label} ({len(values)} layers)"
+            ax1.plot(x, values, label=legend, **style)
+            ax2.plot(x, np.sort(values)[::-1], label=legend, **style)
+        ylabel = "std (after BN, before ReLU/addition)"
+        ax1.set(xlabel="conv layer index (original: 1 = stem, then the blocks' convs)", ylabel=ylabel)
+        ax2.set(xlabel="conv layer index (sorted by magnitude)", ylabel=ylabel)
         for ax in (ax1, ax2):
             ax.set_ylim(bottom=0)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -243,11 +264,12 @@ def _run(args) -> int:
             image_cache[key] = common.eval_images(dataset_cfg, args.num_images)[0]
         return image_cache[key]
 
-    def responses(model, images) -> np.ndarray:
+    def responses(model, images) -> dict:
         try:
-            return layer_responses(model, images, train=args.train_mode, batch_size=args.batch_size)
+            values = layer_responses(model, images, train=args.train_mode, batch_size=args.batch_size)
         except ValueError as e:  # e.g. train mode with chunks not divisible by the run's bn_group_size
             raise UserError(str(e)) from None
+        return {"layers": model.conv_response_names(), "std": values}
 
     run_labels = common.labels_for(args.runs, labels[: len(args.runs)] or None) if args.runs else []
     model_labels = labels[len(args.runs) :] or [f"{common.pretty_model_name(m)} (init)" for m in args.models]
@@ -259,7 +281,7 @@ def _run(args) -> int:
     for loader, step, label, model in plan:
         values = responses(model, images_for(loader.config.dataset))
         cfg = loader.config.to_dict()
-        results[label] = {"workdir": str(loader.workdir), "step": step, "model": cfg["model"]["name"], "std": values}
+        results[label] = {"workdir": str(loader.workdir), "step": step, "model": cfg["model"]["name"], **values}
         if common.is_plain(cfg):
             plain.add(label)
 
@@ -269,14 +291,14 @@ def _run(args) -> int:
         for name, label in zip(args.models, model_labels):
             model = common.init_model(name, info.num_classes, seed=args.seed, **model_options(args))
             values = responses(model, images_for(dataset_cfg))
-            results[label] = {"model": name, "step": 0, "std": values}
+            results[label] = {"model": name, "step": 0, **values}
             if common.is_plain({"model": {"name": name, "shortcut": args.shortcut}}):
                 plain.add(label)
 
     mode = "train mode, BN batch statistics" if args.train_mode else "eval mode, BN running statistics"
     for label, r in results.items():
         v = r["std"]
-        print(f"{label}: {len(v)} blocks, std mean {v.mean():.4f} (min {v.min():.4f}, max {v.max():.4f})")
+        print(f"{label}: {len(v)} conv layers, std mean {v.mean():.4f} (min {v.min():.4f}, max {v.max():.4f})")
     plot_layer_responses({k: r["std"] for k, r in results.items()}, out, plain_labels=plain)
     print(f"wrote {out} ({mode})")
     if json_out is not None:

@@ -1,8 +1,16 @@
 """Residual blocks. Each has one data path: branch top to bottom, then the shortcut merges.
 
-``forward(x)`` returns ``(out, parts)`` where ``parts = {"residual": F(x), "shortcut": s(x)}``:
-the residual branch's output (after its last BN, before the addition) and the shortcut's, for the
-layer-response analysis of paper 1, Fig. 7. ``__call__`` returns ``out`` only; XLA drops ``parts``.
+``forward(x)`` returns ``(out, parts)`` where ``parts = {"residual": F(x), "shortcut": s(x),
+"responses": (...)}``, for the layer-response analysis of paper 1, Fig. 7: the residual branch's
+output (after its last BN, before the addition), the shortcut's, and one response per convolution
+of the branch, in order (named by the class's ``response_layers``). A response is the convolution's
+output after the BN that follows it and before the nonlinearity (ReLU or the addition): ``bn1`` and
+``bn2`` of a basic block (its two 3x3 convs, Fig. 7's layers), ``bn1, bn2, bn3`` of a bottleneck
+(1x1, 3x3, 1x1: all three are kept). A pre-activation block's convolutions are followed by the
+*next* BN (``conv1`` -> ``bn2`` -> ReLU): its responses are that BN's output before the ReLU, and
+for the last convolution, which feeds the addition with no BN, the bare convolution output (which
+is ``residual``). The responses are values the forward computes anyway: ``__call__`` returns
+``out`` only and XLA drops ``parts``.
 Parameter names: ``conv1, bn1, conv2, bn2[, conv3, bn3]`` and ``shortcut`` (torchvision's names,
 with ``shortcut`` for its ``downsample``).
 """
@@ -67,6 +75,8 @@ class Block(nnx.Module):
     """Base: ``__call__`` drops the analysis parts of ``forward``."""
 
     expansion = 1
+    # The branch's convolutions, in order: one entry of ``parts["responses"]`` each.
+    response_layers: tuple[str, ...] = ()
 
     def forward(self, x: jax.Array) -> tuple[jax.Array, dict]:
         raise NotImplementedError
@@ -79,6 +89,7 @@ class BasicBlock(Block):
     """Two 3x3 convolutions (ResNet-18/34 and the CIFAR nets)."""
 
     expansion = 1
+    response_layers = ("conv1", "conv2")
 
     def __init__(self, in_ch: int, planes: int, stride: int, opts: BlockOptions, *, rngs: nnx.Rngs):
         self.conv1 = conv(in_ch, planes, 3, stride, dtype=opts.dtype, rngs=rngs)
@@ -88,10 +99,10 @@ class BasicBlock(Block):
         self.shortcut = opts.make_shortcut(in_ch, planes, stride, rngs)
 
     def forward(self, x):
-        r = nnx.relu(self.bn1(self.conv1(x)))
-        r = self.bn2(self.conv2(r))
+        h1 = self.bn1(self.conv1(x))
+        r = self.bn2(self.conv2(nnx.relu(h1)))
         s = self.shortcut.identity(x)
-        return nnx.relu(self.shortcut.merge(x, s, r)), {"residual": r, "shortcut": s}
+        return nnx.relu(self.shortcut.merge(x, s, r)), {"residual": r, "shortcut": s, "responses": (h1, r)}
 
 
 class Bottleneck(Block):
@@ -100,6 +111,7 @@ class Bottleneck(Block):
     """
 
     expansion = 4
+    response_layers = ("conv1", "conv2", "conv3")
 
     def __init__(self, in_ch: int, planes: int, stride: int, opts: BlockOptions, *, rngs: nnx.Rngs):
         out_ch = planes * self.expansion
@@ -113,11 +125,11 @@ class Bottleneck(Block):
         self.shortcut = opts.make_shortcut(in_ch, out_ch, stride, rngs)
 
     def forward(self, x):
-        r = nnx.relu(self.bn1(self.conv1(x)))
-        r = nnx.relu(self.bn2(self.conv2(r)))
-        r = self.bn3(self.conv3(r))
+        h1 = self.bn1(self.conv1(x))
+        h2 = self.bn2(self.conv2(nnx.relu(h1)))
+        r = self.bn3(self.conv3(nnx.relu(h2)))
         s = self.shortcut.identity(x)
-        return nnx.relu(self.shortcut.merge(x, s, r)), {"residual": r, "shortcut": s}
+        return nnx.relu(self.shortcut.merge(x, s, r)), {"residual": r, "shortcut": s, "responses": (h1, h2, r)}
 
 
 def _preact_shortcut_input(shortcut: Shortcut, x: jax.Array, a: jax.Array) -> jax.Array:
@@ -138,6 +150,7 @@ class PreActBasicBlock(Block):
     """
 
     expansion = 1
+    response_layers = ("conv1", "conv2")
 
     def __init__(
         self, in_ch: int, planes: int, stride: int, opts: BlockOptions, *, rngs: nnx.Rngs, preactivate: bool = True
@@ -150,10 +163,10 @@ class PreActBasicBlock(Block):
 
     def forward(self, x):
         a = _preactivate(self.bn1, x)
-        r = self.conv1(a)
-        r = self.conv2(nnx.relu(self.bn2(r)))
+        h1 = self.bn2(self.conv1(a))
+        r = self.conv2(nnx.relu(h1))
         s = self.shortcut.identity(_preact_shortcut_input(self.shortcut, x, a))
-        return self.shortcut.merge(x, s, r), {"residual": r, "shortcut": s}
+        return self.shortcut.merge(x, s, r), {"residual": r, "shortcut": s, "responses": (h1, r)}
 
 
 class PreActBottleneck(Block):
@@ -161,6 +174,7 @@ class PreActBottleneck(Block):
     ``preactivate``: see ``PreActBasicBlock``."""
 
     expansion = 4
+    response_layers = ("conv1", "conv2", "conv3")
 
     def __init__(
         self, in_ch: int, planes: int, stride: int, opts: BlockOptions, *, rngs: nnx.Rngs, preactivate: bool = True
@@ -177,11 +191,11 @@ class PreActBottleneck(Block):
 
     def forward(self, x):
         a = _preactivate(self.bn1, x)
-        r = self.conv1(a)
-        r = self.conv2(nnx.relu(self.bn2(r)))
-        r = self.conv3(nnx.relu(self.bn3(r)))
+        h1 = self.bn2(self.conv1(a))
+        h2 = self.bn3(self.conv2(nnx.relu(h1)))
+        r = self.conv3(nnx.relu(h2))
         s = self.shortcut.identity(_preact_shortcut_input(self.shortcut, x, a))
-        return self.shortcut.merge(x, s, r), {"residual": r, "shortcut": s}
+        return self.shortcut.merge(x, s, r), {"residual": r, "shortcut": s, "responses": (h1, h2, r)}
 
 
 BLOCKS: dict[str, Callable[..., Block]] = {

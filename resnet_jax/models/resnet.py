@@ -53,6 +53,7 @@ class Stage(nnx.Module):
             self.blocks = nnx.List([first, *rest])
             self.scanned = None
         self.out_ch = out_ch
+        self.num_blocks = num_blocks
 
     def _apply(self, block, x):
         if self.remat:
@@ -60,11 +61,13 @@ class Stage(nnx.Module):
         return block.forward(x)
 
     def forward(self, x: jax.Array, capture: bool = False) -> tuple[jax.Array, list[dict]]:
-        """Returns the stage output and, with ``capture``, each block's ``{"residual", "shortcut", "output"}``."""
+        """Returns the stage output and, with ``capture``, each block's
+        ``{"residual", "shortcut", "responses", "output"}`` (without, ``[]``)."""
         parts = []
         for block in self.blocks:
             x, p = self._apply(block, x)
-            parts.append({**p, "output": x} if capture else p)
+            if capture:  # (not kept otherwise: eagerly, they would stay alive to the end of the stage)
+                parts.append({**p, "output": x})
         if self.scanned is not None:
             # Only stack the parts when asked: a scan keeps its outputs alive (n x activations).
             @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
@@ -76,7 +79,7 @@ class Stage(nnx.Module):
             if capture:
                 n = jax.tree.leaves(stacked)[0].shape[0]
                 parts += [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
-        return x, (parts if capture else [])
+        return x, parts
 
 
 class ResNet(nnx.Module):
@@ -137,17 +140,24 @@ class ResNet(nnx.Module):
         self.fc = nnx.Linear(in_ch, num_classes, dtype=opts.dtype, param_dtype=jnp.float32, rngs=rngs)
         self.num_features = in_ch
 
-    def stem_forward(self, x: jax.Array) -> jax.Array:
+    def _stem(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The stem's output and its response: the conv output after the stem's BN, before the
+        ReLU (a CIFAR pre-activation stem has no BN: the bare conv output)."""
         x = x.astype(self.dtype)
         if self.space_to_depth_stem and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
             x = space_to_depth_conv(x, self.conv1.kernel[...].astype(self.dtype))
         else:
             x = self.conv1(x)
+        response = x
         if self.bn1 is not None:
-            x = nnx.relu(self.bn1(x))
+            response = self.bn1(x)
+            x = nnx.relu(response)
         if self.stem == "imagenet":
             x = max_pool(x, 3, stride=2, padding=1)
-        return x
+        return x, response
+
+    def stem_forward(self, x: jax.Array) -> jax.Array:
+        return self._stem(x)[0]
 
     def pool(self, x: jax.Array) -> jax.Array:
         """The last stage's output -> the pooled features ``[N, num_features]`` the head reads."""
@@ -167,18 +177,19 @@ class ResNet(nnx.Module):
                 + ("; NCHW input needs x.transpose(0, 2, 3, 1)" if x.ndim == 4 and x.shape[1] == 3 else "")
             )
 
-    def _trunk(self, x: jax.Array, capture: bool) -> tuple[jax.Array, list[dict]]:
-        """Stem and stages: the last stage's output and, with ``capture``, every block's parts."""
+    def _trunk(self, x: jax.Array, capture: bool) -> tuple[jax.Array, jax.Array, list[dict]]:
+        """Stem and stages: the last stage's output, the stem's response and, with ``capture``,
+        every block's parts."""
         self._check_input(x)
-        x = self.stem_forward(x)
+        x, stem_response = self._stem(x)
         parts = []
         for stage in self.stages:
             x, p = stage.forward(x, capture)
             parts += p
-        return x, parts
+        return x, stem_response, parts
 
     def _forward(self, x: jax.Array, capture: bool) -> tuple[jax.Array, list[dict]]:
-        x, parts = self._trunk(x, capture)
+        x, _, parts = self._trunk(x, capture)
         return self.head_forward(x), parts
 
     def features(self, x: jax.Array) -> jax.Array:
@@ -187,14 +198,35 @@ class ResNet(nnx.Module):
         return self.pool(self._trunk(x, capture=False)[0]).astype(jnp.float32)
 
     def block_outputs(self, x: jax.Array) -> tuple[jax.Array, list[dict]]:
-        """Logits and, for every block in order, ``{"residual": F(x), "shortcut": s(x), "output": y}``.
+        """Logits and, for every block in order, ``{"residual", "shortcut", "responses", "output"}``.
 
-        ``residual`` is the branch output after its last BN and before the addition (paper 1,
-        Fig. 7); ``shortcut`` is ``None`` in a plain network; ``output`` is what the block passes
-        on (after the addition and, post-activation, the ReLU). Works under jit and for scanned
-        stages.
+        ``residual`` is the branch output after its last BN and before the addition;
+        ``shortcut`` is ``None`` in a plain network; ``responses`` is a tuple with one response per
+        convolution of the branch (after its BN, before the ReLU or the addition; see
+        ``resnet_jax.models.blocks``), the last being ``residual``; ``output`` is what the block
+        passes on (after the addition and, post-activation, the ReLU). Works under jit and for
+        scanned stages. ``conv_responses`` adds the stem's and flattens them (paper 1, Fig. 7).
         """
         return self._forward(x, capture=True)
+
+    def conv_responses(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """Logits and the response of every convolution on the main path, in network order, named
+        by ``conv_response_names()``: the stem's, then each block's (``block_outputs``'
+        ``responses``). A response is the conv output after its BN and before the nonlinearity
+        (ReLU or the addition): paper 1's "layer responses" (Fig. 7), whose 3x3 layers are these
+        for basic blocks. Projection shortcuts are not included. Works under jit and for scanned
+        stages.
+        """
+        x, stem_response, parts = self._trunk(x, capture=True)
+        return self.head_forward(x), [stem_response, *(r for p in parts for r in p["responses"])]
+
+    def conv_response_names(self) -> list[str]:
+        """The names of ``conv_responses``: ``stem``, then ``stage{i}.block{j}.conv{k}`` (1-based)."""
+        names = ["stem"]
+        for i, stage in enumerate(self.stages):
+            layers = type(stage.blocks[0]).response_layers
+            names += [f"stage{i + 1}.block{j + 1}.{c}" for j in range(stage.num_blocks) for c in layers]
+        return names
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self._forward(x, capture=False)[0]
