@@ -205,7 +205,12 @@ def flat_settings(cfg: dict) -> dict[str, str]:
     """``flatten_config`` of a run's recorded config with the keys it lacks at their defaults: a
     run recorded before a key existed ran as that key's default does (keys are added that way),
     so it compares equal to a new run that leaves the key alone."""
-    return {**flatten_config(get_base_config().to_dict()), **flatten_config(cfg)}
+    flat = {**flatten_config(get_base_config().to_dict()), **flatten_config(cfg)}
+    # model.scan_blocks was a string field: config.json files from before hold "true" / "false".
+    scan = json.loads(flat.get("model.scan_blocks", "null"))
+    if isinstance(scan, str) and scan.lower() in ("true", "false"):
+        flat["model.scan_blocks"] = json.dumps(scan.lower() == "true")
+    return flat
 
 
 # Test views: 1, the centre crop; 10, paper 1's 10-crop testing, which only the imagenet2012

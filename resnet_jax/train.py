@@ -627,7 +627,12 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict[str
         agree_on_start_up(problem)
         warm_start.agree_on_source(warm)
         ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-        state, step = ckpt.restore_latest(trainer.abstract_state)
+        problem, state, step = None, None, 0
+        try:  # one process short of memory must not leave the others waiting in the next collective
+            state, step = ckpt.restore_latest(trainer.abstract_state)
+        except Exception as e:  # noqa: BLE001 - re-raised by agree_on_start_up
+            problem = e
+        agree_on_start_up(problem)
         if state is None:
             if warm is None and config.get("init_from", {}).get("path") is not None:
                 # (has_checkpoints listed steps that the manager then did not: never silently random.)

@@ -63,7 +63,12 @@ def _setting_changes(previous: dict, config_dict: dict) -> dict[str, tuple]:
     from resnet_jax.config import flat_settings
 
     old, new = flat_settings(previous), flat_settings(config_dict)
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in _QUIET_KEYS)
+    keys = sorted(
+        k
+        for k in old.keys() | new.keys()
+        # (init_from is not read on resume: the trainer says so)
+        if old.get(k) != new.get(k) and k not in _QUIET_KEYS and not k.startswith("init_from.")
+    )
     return {k: (json.loads(old.get(k, "null")), json.loads(new.get(k, "null"))) for k in keys}
 
 
@@ -142,6 +147,7 @@ class Workdir:
                 self.changed_settings = _setting_changes(previous, config_dict)
             if fresh:
                 self.set_aside()
+                write = True  # nothing is left to refuse: the workdir is a run's from here on
         except BaseException:
             self.close()
             raise

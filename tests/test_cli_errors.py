@@ -463,6 +463,23 @@ def test_resuming_compares_the_identity_keys_with_their_defaults(tmp_path):
     wd.open({**config, "batch_size": 64, "progress_bar": False}, write=False)
     wd.close()
     assert wd.changed_settings == {"batch_size": (config["batch_size"], 64)}  # progress_bar: quiet
+    # init_from is not read on resume: no change to report. A config.json from when scan_blocks
+    # was a string field ("true") is the same network as --config.model.scan_blocks=true now.
+    init_from = {**config["init_from"], "path": "/elsewhere"}
+    wd = Workdir(tmp_path)
+    wd.open({**config, "init_from": init_from}, write=False)
+    wd.close()
+    assert wd.changed_settings == {}
+    (tmp_path / "config.json").write_text(json.dumps({**older, "model": {**older["model"], "scan_blocks": "true"}}))
+    wd = Workdir(tmp_path)
+    wd.open({**config, "model": {**config["model"], "scan_blocks": True}}, write=False)
+    wd.close()
+    # --fresh: the new config.json is written at once (a start that fails later leaves a run's
+    # directory, not only old-<time>/).
+    wd = Workdir(tmp_path)
+    wd.open({**config, "trainable": "head"}, fresh=True, write=False)
+    wd.close()
+    assert json.loads((tmp_path / "config.json").read_text())["trainable"] == "head"
 
 
 def test_another_runs_outputs_without_checkpoints_are_refused_too(tmp_path):

@@ -44,6 +44,9 @@ def test_a_run_set_aside_by_fresh_is_no_seed_and_a_seed_twice_is_warned_of(tmp_p
     with caplog.at_level(logging.WARNING, logger="resnet_jax"):
         (row,) = results_table.collect([*results_table.find_workdirs(root), tmp_path / "other" / "seed0"])
     assert row.n == 3 and any("both ran seed 0 of one setting" in r.getMessage() for r in caplog.records)
+    # A --fresh start that failed before its config.json: the set-aside folder alone is no run.
+    (root / "seed0" / "config.json").unlink()
+    assert rows_of(root)[0].n == 1  # seed1
 
 
 @pytest.mark.parametrize(
@@ -91,13 +94,16 @@ def test_a_run_resumed_with_other_settings_is_warned_of(tmp_path, caplog):
     assert any("was resumed with other settings" in r.getMessage() and "0.4" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("case", ["config_list", "model_string", "acc_null", "acc_text"])
+@pytest.mark.parametrize("case", ["config_list", "model_string", "acc_null", "acc_text", "step_text"])
 def test_bad_run_files_are_one_line(tmp_path, capsys, case):
     wd = fake_run(tmp_path / "r")
     if case == "config_list":
         (wd / "config.json").write_text("[1, 2]")
     elif case == "model_string":
         (wd / "config.json").write_text(json.dumps({"model": "resnet50", "dataset": {}}))
+    elif case == "step_text":  # (not the last row: max() over the steps failed first)
+        rows = [{"step": 10, "eval/top1_acc": 0.5}, {"step": "20", "eval/top1_acc": 0.6}]
+        (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
         acc = None if case == "acc_null" else "high"
         (wd / "metrics.jsonl").write_text(json.dumps({"step": 400, "eval/top1_acc": acc}) + "\n")

@@ -207,7 +207,8 @@ def final_test_error(workdir: str | pathlib.Path, eval_crops: int = 1) -> tuple[
     evals = [r for r in read_metrics(workdir) if "eval/top1_acc" in r]
     if not evals:
         return None
-    last = max(evals, key=lambda r: r["step"])
+    bad = next((r for r in evals if not _is_number(r["step"])), None)
+    last = bad or max(evals, key=lambda r: r["step"])
     if not (_is_number(last["eval/top1_acc"]) and _is_number(last["step"])):
         raise UserError(
             f"{pathlib.Path(workdir) / METRICS_FILE}: the last eval row (step {last['step']!r}) has "
@@ -223,6 +224,7 @@ def final_test_error(workdir: str | pathlib.Path, eval_crops: int = 1) -> tuple[
     return step, 100.0 * (1.0 - acc), views
 
 
+_SET_ASIDE = re.compile(r"old-\d{8}-\d{6}(-\d+)?")  # workdir.Workdir.set_aside's folders
 _SIZED = re.compile(r"eval_(\d+)(_10crop)?_(\d+)px\.json")
 
 
@@ -268,8 +270,14 @@ def find_workdirs(root: str | pathlib.Path) -> list[pathlib.Path]:
     if not root.is_dir():
         raise UserError(f"--root {root} does not exist")
     found = {p.parent for p in root.rglob(CONFIG_FILE)}
-    # A run inside another run's directory is one that --fresh set aside (old-<time>/): not a seed.
-    return sorted(d for d in found if not any(a in found for a in d.parents))
+
+    def set_aside(d: pathlib.Path) -> bool:
+        # Inside another run's directory, or in an old-<time>/ folder: what --fresh set aside.
+        parts = d.relative_to(root).parts
+        inside = [root.joinpath(*parts[:i]) for i in range(len(parts))]  # root and below, not d
+        return any(_SET_ASIDE.fullmatch(p) for p in parts) or any(a in found for a in inside)
+
+    return sorted(d for d in found if not set_aside(d))
 
 
 def _sort_key(row: Row) -> tuple:
