@@ -43,9 +43,9 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 def imagenet_synsets() -> list[str]:
     """The 1,000 synset ids in TFDS's label order (from the label file inside the package)."""
-    import tensorflow_datasets as tfds
+    from resnet_jax.data.tfds_datasets import make_builder
 
-    return tfds.builder("imagenet2012").info.features["label"].names
+    return make_builder("imagenet2012").info.features["label"].names
 
 
 def make_fake_imagenet_tars(manual_dir: str, num_classes: int = 2, images_per_class: int = 3, num_val: int = 4) -> dict:
@@ -97,8 +97,10 @@ def prepare_fake_imagenet(data_dir: str, manual_dir: str, *, num_shards: int | N
     if num_shards is not None:
         import tensorflow_datasets as tfds
 
+        from resnet_jax.data.tfds_datasets import make_builder
+
         config = tfds.download.DownloadConfig(manual_dir=manual_dir, num_shards=num_shards)
-        builder = tfds.builder("imagenet2012", data_dir=data_dir)
+        builder = make_builder("imagenet2012", data_dir=data_dir)
         builder.download_and_prepare(download_config=config)
         assert builder.info.splits["train"].num_shards == num_shards, builder.info.splits
         return made

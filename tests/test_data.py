@@ -714,7 +714,9 @@ def _train_records(data_dir: str, split: str = "train") -> list[tuple[int, int]]
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    ds = tfds.builder("imagenet2012", data_dir=data_dir).as_dataset(
+    from resnet_jax.data import tfds_datasets
+
+    ds = tfds_datasets.make_builder("imagenet2012", data_dir=data_dir).as_dataset(
         split=split, decoders={"image": tfds.decode.SkipDecoding()}
     )
     ds = ds.map(lambda ex: (tf.strings.to_hash_bucket_fast(ex["image"], 2**62), ex["label"]))

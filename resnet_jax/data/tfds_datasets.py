@@ -143,7 +143,7 @@ def _manual_dir(dataset_cfg: Any, builder) -> str:
     return os.fspath(manual_dir or os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual"))
 
 
-def _builder(name: str, data_dir: str | None):
+def make_builder(name: str, data_dir: str | None = None):
     """``tfds.builder``, without the empty ``tmp*tfds`` directory it leaves for an unprepared dataset.
 
     TFDS 4.9 (``DatasetInfo.initialize_from_bucket``) makes that directory before it finds its GCS
@@ -152,11 +152,11 @@ def _builder(name: str, data_dir: str | None):
     """
     pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
     before = set(glob.glob(pattern))
-    builder = tfds.builder(name, data_dir=data_dir)
+    made = tfds.builder(name, data_dir=data_dir)
     for path in set(glob.glob(pattern)) - before:
         with contextlib.suppress(OSError):  # not empty, or gone already: not ours to remove
             os.rmdir(path)
-    return builder
+    return made
 
 
 def _prepared_builder(dataset_cfg: Any):
@@ -165,7 +165,7 @@ def _prepared_builder(dataset_cfg: Any):
     configured = base.cfg_get(dataset_cfg, "data_dir")
     if configured and "://" not in os.fspath(configured):  # a local path: TFDS fails deep inside
         cli.check_output_dir(pathlib.Path(configured).expanduser().absolute(), "config.dataset.data_dir")
-    builder = _builder(name, configured)
+    builder = make_builder(name, configured)
     if builder.is_prepared():
         return builder
     data_dir = os.fspath(builder.data_dir_root)
