@@ -166,7 +166,7 @@ def check_xla_flags(args: argparse.Namespace, timeout: float = 60.0) -> None:
     """With ``--xla_flags``: starts JAX's backend with the XLA_FLAGS this run would set in a short
     child process, so that flags XLA refuses (it aborts the process with a fatal log line) become
     one ``error:`` line here. A child that hangs or fails without such a line lets the run go on."""
-    if not args.xla_flags:
+    if not (args.xla_flags or args.xla_gpu_flags):
         return
     env = dict(os.environ, XLA_FLAGS=" ".join(planned_xla_flags(args)), XLA_PYTHON_CLIENT_PREALLOCATE="false")
     if args.devices:
@@ -698,6 +698,12 @@ def passthrough_args(args: argparse.Namespace) -> list[str]:
         out.append("--no_eval")
     if args.peak_tflops:
         out.append(f"--peak_tflops={args.peak_tflops}")
+    if args.width:
+        out.append(f"--width={args.width}")
+    if args.devices:  # (the child sets its XLA_FLAGS from it: _child_environment restores ours)
+        out.append(f"--devices={args.devices}")
+    if args.devices_note is not None:
+        out.append(f"--devices_note={args.devices_note}")
     return out
 
 
@@ -1218,8 +1224,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.bn_compare:
         check_bn_groups(args, args.devices)
     # --xla_flags is appended to the environment's XLA_FLAGS, so it cannot name a flag file.
-    problem = cli.xla_flags_problem(os.environ.get("XLA_FLAGS", "")) or cli.xla_flags_problem(
-        args.xla_flags or "", "--xla_flags", flag_file=False
+    problem = (
+        cli.xla_flags_problem(os.environ.get("XLA_FLAGS", ""))
+        or cli.xla_flags_problem(args.xla_flags or "", "--xla_flags", flag_file=False)
+        or cli.xla_flags_problem(args.xla_gpu_flags or "", "--xla_gpu_flags", flag_file=False)
     )
     if problem:
         raise BenchError(problem)
@@ -1282,9 +1290,12 @@ def read_results(paths: Sequence[str]) -> list[dict[str, Any]]:
         for line in lines:
             if line.startswith("{"):
                 try:
-                    results.append(json.loads(line))
+                    result = json.loads(line)
                 except json.JSONDecodeError:
                     raise BenchError(f"{path}: a line starting with '{{' is not JSON") from None
+                # A saved --sweep --json line holds its runs' results.
+                is_sweep = isinstance(result, dict) and result.get("mode") == "sweep"
+                results += result.get("results", []) if is_sweep else [result]
     if not results:
         raise BenchError(f"no JSON results in {' '.join(paths)}")
     return results
@@ -1296,7 +1307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results = read_results(args.markdown)
         try:
             text = markdown(results)
-        except (KeyError, TypeError, ValueError) as e:  # a JSON line with some of a result's keys
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a JSON line with some of a result's keys
             raise BenchError(
                 f"a JSON line in {' '.join(args.markdown)} is not a complete bench result "
                 f"({type(e).__name__}: {e}); pass the output of --json runs"

@@ -18,6 +18,7 @@ from absl import flags
 from resnet_jax import cli
 from resnet_jax.config import EVAL_CROPS
 from resnet_jax.errors import UserError
+from resnet_jax.logbook import write_atomic
 from resnet_jax.workdir import load_config_dict, other_size, require_workdir, result_path
 
 flags.DEFINE_string("workdir", None, "the training run's --workdir")
@@ -58,8 +59,12 @@ def _main(argv) -> None:
     out = {"step": step, **metrics}
     # The crops the evaluation used (the run's own setting unless --eval_crops; valid by now).
     crops = f.eval_crops or int(dataset.get("eval_crops", 1))
-    result_path(f.workdir, step, crops, other_size(dataset, f.eval_image_size)).write_text(json.dumps(out, indent=2))
-    print(json.dumps(out))
+    print(json.dumps(out))  # first: a result that cannot be saved is not lost with it
+    path = result_path(f.workdir, step, crops, other_size(dataset, f.eval_image_size))
+    try:
+        write_atomic(path, json.dumps(out, indent=2))
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); the result is the line above") from None
 
 
 def main():

@@ -41,8 +41,12 @@ def read_metrics(workdir) -> list[dict]:
 def write_atomic(path: pathlib.Path, text: str) -> None:
     """Replaces ``path`` with ``text`` so that a crash leaves either the old or the new file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (a full disk, or a directory where the file goes)
+        raise
 
 
 def _summary_writer():

@@ -131,6 +131,9 @@ def test_bad_option_is_one_line():
         (["--bn_compare", "--batch_size=8", "--bn_group_size=8"], ["global BN with itself", "--bn_group_size=8"]),
         (["--xla_flags=garbage"], ["--xla_flags=garbage", "'garbage' is not an XLA flag"]),
         (["--xla_flags=--xla_nonexistent_flag=1"], ["XLA refused them", "Unknown flag"]),
+        # (--xla_gpu_flags was not checked: XLA's fatal log line, exit 1)
+        (["--xla_gpu_flags=garbage"], ["--xla_gpu_flags=garbage", "'garbage' is not an XLA flag"]),
+        (["--xla_gpu_flags=--xla_nonexistent_flag=1"], ["XLA refused them", "Unknown flag"]),
     ],
 )
 def test_bad_arguments_are_one_line_before_any_compile(capsys, monkeypatch, argv, needles):
@@ -261,12 +264,31 @@ def test_markdown_of_saved_results(tmp_path, capsys):
     saved.write_text("a log line\n" + json.dumps(row) + "\n")
     assert bench.main(["--markdown", str(saved)]) == 0
     assert "| resnet50 | 224 | 256 | bf16 | defaults | 5,000.0 |" in capsys.readouterr().out
+    # A saved --sweep --json line holds its runs' results; a line with a wrong-typed key is one line.
+    (tmp_path / "sweep.jsonl").write_text(json.dumps({"mode": "sweep", "results": [row, {**row, "batch_size": 128}]}))
+    assert bench.main(["--markdown", str(tmp_path / "sweep.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet50 | 224 | 256 |" in out and "| resnet50 | 224 | 128 |" in out
+    (tmp_path / "typed.jsonl").write_text(json.dumps({**row, "xla_flags": 5}))
+    assert bench.main(["--markdown", str(tmp_path / "typed.jsonl")]) == 2
+    assert "is not a complete bench result" in capsys.readouterr().err
     for bad in (tmp_path / "missing.jsonl", tmp_path / "empty.jsonl"):
         if bad.name == "empty.jsonl":
             bad.write_text("no results here\n")
         assert bench.main(["--markdown", str(bad)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, err
+
+
+def test_child_processes_measure_the_same_network_on_the_same_devices():
+    """--remat_compare's children got neither --width nor --devices: both measured the default
+    width on one device."""
+    args = bench.build_parser().parse_args(["--model=cifar_resnet8", "--width=4", "--devices=2", "--devices_note=x"])
+    passed = bench.passthrough_args(args)
+    assert {"--width=4", "--devices=2", "--devices_note=x"} <= set(passed)
+    assert not any(
+        a.startswith(("--width", "--devices")) for a in bench.passthrough_args(bench.build_parser().parse_args([]))
+    )
 
 
 def test_saved_residual_bytes():

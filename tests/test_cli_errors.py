@@ -159,7 +159,15 @@ def _evaluate_cases(tmp: pathlib.Path, existing: pathlib.Path) -> dict[str, tupl
     wd = tmp / "evaluated"
     shutil.copytree(existing, wd)
     ev = ["-m", "resnet_jax.evaluate"]
+    blocked = tmp / "result_blocked"  # where eval_16.json goes, a directory: the result is printed first
+    shutil.copytree(existing, blocked)
+    (blocked / "eval_16.json").mkdir()
     return {  # (a missing workdir or config.json, a garbage --checkpoint: before JAX, below)
+        "result_unwritable": (
+            [*ev, f"--workdir={blocked}"],
+            blocked,
+            [f"cannot write {blocked / 'eval_16.json'} (Is a directory); the result is the line above"],
+        ),
         "no_checkpoints": ([*ev, f"--workdir={no_ckpt}"], no_ckpt, ["no complete checkpoint", "train first"]),
         "bad_checkpoint": (
             [*ev, f"--workdir={wd}", "--checkpoint=7"],
@@ -246,6 +254,8 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(results):
 def test_evaluate_errors_are_one_line(results):
     _check(results, results["evaluate_cases"], prefix="evaluate_")
     assert results["changed"] == []
+    printed = json.loads(results["done"]["evaluate_result_unwritable"].stdout.strip().splitlines()[-1])
+    assert printed["step"] == 16 and 0 <= printed["eval/top1_acc"] <= 1
 
 
 def test_fresh_sets_the_old_run_aside(results):
