@@ -75,6 +75,7 @@ DEFAULT_XLA_GPU_FLAGS = "--xla_gpu_enable_latency_hiding_scheduler=true"
 # runs it by default (TF32 tensor cores on Ampere and later; bf16 passes on TPUs)). First match wins.
 PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
     ("H100 PCIe", 756.0, 378.0),
+    ("H100 NVL", 835.0, 418.0),
     ("H100", 989.0, 494.0),  # SXM
     ("H200", 989.0, 494.0),
     ("GH200", 989.0, 494.0),
@@ -88,7 +89,9 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
     ("TPU v5 lite", 197.0, 197.0),
     ("TPU v5e", 197.0, 197.0),
     ("TPU v4", 275.0, 275.0),
-    ("TPU v3", 123.0, 123.0),
+    # TPU v2/v3 chips have two TensorCores, each a JAX device of its own: half the chip's peak.
+    ("TPU v3", 61.5, 61.5),
+    ("TPU v2", 22.5, 22.5),
 )
 
 # XLA:CPU's default (concurrency-optimised) scheduler starts independent work early, which keeps

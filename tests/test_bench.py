@@ -231,6 +231,8 @@ def test_linen_baseline_rejects_unknown_layouts(linen):
 def test_peak_table_and_markdown():
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3", True) == 989.0
     assert bench.peak_tflops("NVIDIA H100 PCIe", True) == 756.0
+    assert bench.peak_tflops("NVIDIA H100 NVL", True) == 835.0  # (not the SXM row)
+    assert bench.peak_tflops("TPU v3", True) == 61.5  # per TensorCore: a v3 chip is two JAX devices
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", False) == 156.0
     assert bench.peak_tflops("cpu", True) is None
     row = dict(
