@@ -585,6 +585,10 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     out["peak_mem_bytes"], out["peak_mem_kind"] = peak_memory()
     runners: list[Any] = [ours]
     if args.compare:
+        extra = options_not_in_references(args)
+        if extra:
+            log(f"warning: the references run without {', '.join(extra)}: the ratios compare other work")
+        out["options_not_in_references"] = extra
         log("compiling the Flax Linen baseline")
         try:
             linen = LinenStep(args, ours)
@@ -652,6 +656,13 @@ def _child_environment() -> dict[str, str]:
         else:
             env[key] = value
     return env
+
+
+def options_not_in_references(args: argparse.Namespace) -> list[str]:
+    """Our options that the Linen and torch references do not run with (the space-to-depth stem
+    computes the same function: not one): with any, the ratios compare other work."""
+    extra = [o for o, on in (("remat", args.remat), ("bn_group_size", args.bn_group_size)) if on]
+    return extra + (["scan_blocks"] if args.scan_blocks == "true" else [])
 
 
 def run_subprocess(argv: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:

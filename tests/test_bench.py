@@ -293,6 +293,14 @@ def test_child_processes_measure_the_same_network_on_the_same_devices():
     )
 
 
+def test_options_the_references_lack_are_named():
+    """--compare with remat, grouped BN or stacked blocks compares other work: the JSON says so."""
+    parse = bench.build_parser().parse_args
+    assert bench.options_not_in_references(parse(["--s2d_stem"])) == []  # the same function
+    argv = ["--remat", "--bn_group_size=4", "--scan_blocks=true"]
+    assert bench.options_not_in_references(parse(argv)) == ["remat", "bn_group_size", "scan_blocks"]
+
+
 def test_saved_residual_bytes():
     """The bytes autodiff keeps for the backward pass, and how jax.checkpoint reduces them."""
 
