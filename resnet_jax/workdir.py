@@ -21,6 +21,9 @@ LOCK_FILE = ".lock"
 # Keys that must match to resume (with every key below them): other keys (lr, steps, logging) may
 # change between restarts. trainable and optimizer: the optimizer state has another structure.
 IDENTITY_KEYS = ("model", "dataset.name", "dataset.image_size", "dataset.num_classes", "trainable", "optimizer")
+# Below an identity key, but free to change on resume: per-block rematerialisation computes the
+# same function with the same parameters (a run that ran out of memory resumes with it on).
+_NOT_IDENTITY = ("model.remat",)
 # Keys a resume may change without a warning: how the run is logged, saved, laid out and compiled.
 _QUIET_KEYS = (
     "progress_bar",
@@ -31,7 +34,6 @@ _QUIET_KEYS = (
     "shard_params",
     "dataset.data_dir",
     "dataset.manual_dir",
-    "model.scan_blocks",
     "model.remat",
 )
 # What --fresh sets aside (into ``old-<time>/``): everything a run writes, so the new one starts clean.
@@ -54,7 +56,7 @@ def _identity_changes(previous: dict, config_dict: dict) -> list[str]:
     from resnet_jax.config import flat_settings
 
     old, new = flat_settings(previous), flat_settings(config_dict)
-    changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+    changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in _NOT_IDENTITY]
     return [i for i in IDENTITY_KEYS if any(k == i or k.startswith(i + ".") for k in changed)]
 
 

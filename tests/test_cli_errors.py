@@ -473,6 +473,10 @@ def test_resuming_compares_the_identity_keys_with_their_defaults(tmp_path):
     wd.open({**config, "batch_size": 64, "progress_bar": False}, write=False)
     wd.close()
     assert wd.changed_settings == {"batch_size": (config["batch_size"], 64)}  # progress_bar: quiet
+    wd = Workdir(tmp_path)  # remat: the same function and parameters, not another model
+    wd.open({**config, "model": {**config["model"], "remat": True}}, write=False)
+    wd.close()
+    assert wd.changed_settings == {}
     # init_from is not read on resume: no change to report. A config.json from when scan_blocks
     # was a string field ("true") is the same network as --config.model.scan_blocks=true now.
     init_from = {**config["init_from"], "path": "/elsewhere"}

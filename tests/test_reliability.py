@@ -556,8 +556,8 @@ def tensorboard_purges(wd) -> list[int]:
 def test_a_preemption_at_an_eval_step_loses_no_eval(tmp_path, jax_cache):
     """Evals at steps 8 and 16 (of 16). A SIGTERM during the eval of step 8 saves step 8 without
     it; the resume (with another seed: warned of and recorded) runs that eval first, then is
-    stopped during the final one; the next start finishes the final eval, and a start after that
-    logs nothing again. Each eval step has one row, and TensorBoard is told to drop the steps after
+    stopped during the final one; the next start (with remat on) finishes the final eval, and a
+    start after that logs nothing again. Each eval step has one row, and TensorBoard is told to drop the steps after
     each resume point."""
     wd = tmp_path / "run"
     args = [*RUN, "--config.eval_every_epochs=0.18", f"--workdir={wd}"]  # 45 steps an epoch: every 8
@@ -579,9 +579,9 @@ def test_a_preemption_at_an_eval_step_loses_no_eval(tmp_path, jax_cache):
     assert rc == 0 and "preempted: saved step 16" in err, err[-3000:]
     assert "step 8 was saved without its eval (preempted): evaluating it now" in err, err[-3000:]
     assert "resuming step 8 with other settings than the run's last start: seed 0 -> 1" in err, err[-3000:]
-    for _ in range(2):
-        rc, _, err = run(jax_cache, *args, "--config.seed=1")
-        assert rc == 0, err[-3000:]
+    for remat in ("true", "false"):  # (remat: the same parameters; a run out of memory resumes with it)
+        rc, _, err = run(jax_cache, *args, "--config.seed=1", f"--config.model.remat={remat}")
+        assert rc == 0 and "remat" not in err, err[-3000:]
     evals = [r for r in read_metrics(wd) if "eval/loss" in r]
     assert [r["step"] for r in evals] == [8, 16], evals
     assert all(np.isfinite(r["eval/loss"]) for r in evals)
