@@ -31,7 +31,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.bn_group_size = config_dict.placeholder(int)  # None: BN over the global batch
     c.model.gate_bias_init = -6.0
     # auto | True | False; object-typed so that a config file may write True (the command line's
-    # true/false parse to bools as well; old config.json files hold the strings, see model_options).
+    # true/false parse to bools as well; old config.json files hold strings: scan_blocks_value).
     c.model.scan_blocks = config_dict.FieldReference("auto", field_type=object)
     c.model.remat = False
     # The ImageNet stem's 7x7 stride-2 convolution as space-to-depth + 4x4 stride-1: the same
@@ -206,11 +206,16 @@ def flat_settings(cfg: dict) -> dict[str, str]:
     run recorded before a key existed ran as that key's default does (keys are added that way),
     so it compares equal to a new run that leaves the key alone."""
     flat = {**flatten_config(get_base_config().to_dict()), **flatten_config(cfg)}
-    # model.scan_blocks was a string field: config.json files from before hold "true" / "false".
-    scan = json.loads(flat.get("model.scan_blocks", "null"))
-    if isinstance(scan, str) and scan.lower() in ("true", "false"):
-        flat["model.scan_blocks"] = json.dumps(scan.lower() == "true")
+    flat["model.scan_blocks"] = json.dumps(scan_blocks_value(json.loads(flat["model.scan_blocks"])))
     return flat
+
+
+def scan_blocks_value(value):
+    """``model.scan_blocks`` as the model takes it: the strings of a config.json written when the
+    field was a string ('auto', 'true', 'false', any case) as 'auto', True, False; else as is."""
+    if isinstance(value, str):
+        return {"auto": "auto", "true": True, "false": False}.get(value.lower(), value)
+    return value
 
 
 # Test views: 1, the centre crop; 10, paper 1's 10-crop testing, which only the imagenet2012
@@ -316,8 +321,6 @@ def check_run_config(config) -> None:
 def model_options(config) -> dict[str, Any]:
     """The model options of ``config.model`` as ``create_model`` keyword arguments."""
     opts = {k: v for k, v in config.model.items() if k != "name"}
-    scan = opts.get("scan_blocks", "auto")
-    if isinstance(scan, str):  # 'true' / 'false' from a config.json written before it was a bool
-        opts["scan_blocks"] = {"auto": "auto", "true": True, "false": False}.get(scan.lower(), scan)
+    opts["scan_blocks"] = scan_blocks_value(opts.get("scan_blocks", "auto"))
     opts["dtype"] = "bfloat16" if config.half_precision else "float32"
     return opts
