@@ -24,18 +24,9 @@ IDENTITY_KEYS = ("model", "dataset.name", "dataset.image_size", "dataset.num_cla
 # Below an identity key, but free to change on resume: per-block rematerialisation computes the
 # same function with the same parameters (a run that ran out of memory resumes with it on).
 _NOT_IDENTITY = ("model.remat",)
-# Keys a resume may change without a warning: how the run is logged, saved, laid out and compiled.
-_QUIET_KEYS = (
-    "progress_bar",
-    "plot_curves",
-    "log_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "shard_params",
-    "dataset.data_dir",
-    "dataset.manual_dir",
-    "model.remat",
-)
+# Keys a resume may change without a warning: those that do not change what a run computes
+# (config.NON_RESULT_KEYS), but for the seed (a resumed run's data order) and skip_nonfinite.
+_LOUD_NON_RESULT_KEYS = ("seed", "skip_nonfinite")
 # What --fresh sets aside (into ``old-<time>/``): everything a run writes, so the new one starts clean.
 RUN_OUTPUTS = ("checkpoints", "checkpoints-damaged", CONFIG_FILE, RUN_INFO_FILE, "metrics.jsonl", "curves.png")
 RUN_OUTPUT_PATTERNS = ("events.out.tfevents.*", "eval_*.json")
@@ -50,28 +41,21 @@ def read_run_info(workdir: str | os.PathLike) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def _identity_changes(previous: dict, config_dict: dict) -> list[str]:
-    """The identity keys (or keys below them) whose values differ; a key the recorded config
-    lacks (a run from before the key existed) counts as its default (``config.flat_settings``)."""
-    from resnet_jax.config import flat_settings
+def _changes(previous: dict, config_dict: dict) -> tuple[list[str], dict[str, tuple]]:
+    """How ``config_dict`` differs from the recorded ``previous``: the identity keys (or keys below
+    them) whose values differ, and the other keys worth a warning, ``{key: (old, new)}`` (values
+    as recorded). A key the recorded config lacks (a run from before the key existed) counts as
+    its default (``config.flat_settings``)."""
+    from resnet_jax.config import NON_RESULT_KEYS, flat_settings
 
     old, new = flat_settings(previous), flat_settings(config_dict)
-    changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in _NOT_IDENTITY]
-    return [i for i in IDENTITY_KEYS if any(k == i or k.startswith(i + ".") for k in changed)]
-
-
-def _setting_changes(previous: dict, config_dict: dict) -> dict[str, tuple]:
-    """The other keys whose values differ, ``{key: (old, new)}`` (values as recorded, JSON)."""
-    from resnet_jax.config import flat_settings
-
-    old, new = flat_settings(previous), flat_settings(config_dict)
-    keys = sorted(
-        k
-        for k in old.keys() | new.keys()
-        # (init_from is not read on resume: the trainer says so)
-        if old.get(k) != new.get(k) and k not in _QUIET_KEYS and not k.startswith("init_from.")
-    )
-    return {k: (json.loads(old.get(k, "null")), json.loads(new.get(k, "null"))) for k in keys}
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    below = [k for k in changed if k not in _NOT_IDENTITY]
+    identity = [i for i in IDENTITY_KEYS if any(k == i or k.startswith(i + ".") for k in below)]
+    quiet = NON_RESULT_KEYS - set(_LOUD_NON_RESULT_KEYS)
+    # (init_from is not read on resume: the trainer says so)
+    loud = [k for k in changed if k not in quiet and not k.startswith("init_from.")]
+    return identity, {k: (json.loads(old.get(k, "null")), json.loads(new.get(k, "null"))) for k in loud}
 
 
 def git_commit() -> str | None:
@@ -139,14 +123,14 @@ class Workdir:
                     raise UserError(
                         f"{old} cannot be read ({e}); pass --fresh to set this run aside and start over"
                     ) from None
-                diff = _identity_changes(previous, config_dict)
+                diff, settings = _changes(previous, config_dict)
                 if diff:
                     what = "checkpoints" if ckpts.is_dir() and any(ckpts.iterdir()) else "the outputs"
                     raise UserError(
                         f"workdir {self.path} holds {what} of a different run ({', '.join(diff)} differ); "
                         "use another --workdir, or pass --fresh to set them aside and start over"
                     )
-                self.changed_settings = _setting_changes(previous, config_dict)
+                self.changed_settings = settings
             if fresh:
                 self.set_aside()
                 write = True  # nothing is left to refuse: the workdir is a run's from here on
