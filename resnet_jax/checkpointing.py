@@ -41,10 +41,15 @@ def step_item_dir(workdir: str | pathlib.Path, step: int) -> pathlib.Path:
     return checkpoint_dir(workdir) / str(step) / ITEM
 
 
-def has_checkpoints(workdir: str | pathlib.Path) -> bool:
-    """Whether the run has a finalised checkpoint step (as Orbax lists them; no manager opened)."""
+def finalised_steps(workdir: str | pathlib.Path) -> list[int]:
+    """The run's finalised checkpoint steps, as Orbax lists them (no manager opened), oldest first."""
     d = checkpoint_dir(workdir)
-    return d.is_dir() and bool(ocp.utils.checkpoint_steps(d))
+    return sorted(ocp.utils.checkpoint_steps(d)) if d.is_dir() else []
+
+
+def has_checkpoints(workdir: str | pathlib.Path) -> bool:
+    """Whether the run has a finalised checkpoint step."""
+    return bool(finalised_steps(workdir))
 
 
 def damaged_dir(workdir: str | pathlib.Path) -> pathlib.Path:

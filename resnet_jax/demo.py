@@ -130,13 +130,9 @@ def check_models(models) -> tuple[str, ...]:
 
 def latest_step(workdir: pathlib.Path) -> int | None:
     """The newest finalised checkpoint step of a run (what training resumes from), or None."""
-    from resnet_jax.checkpointing import checkpoint_dir, has_checkpoints
+    from resnet_jax.checkpointing import finalised_steps
 
-    if not has_checkpoints(workdir):
-        return None
-    import orbax.checkpoint as ocp
-
-    return max(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
+    return max(finalised_steps(workdir), default=None)
 
 
 def check_not_past(workdir: pathlib.Path, total_steps: int, num_steps: int | None) -> None:
