@@ -361,7 +361,12 @@ def _raw_records(builder, piece: _Slice) -> tf.data.Dataset:
         decoders={"image": tfds.decode.SkipDecoding()},  # decode after skipping, inside the map
         read_config=tfds.ReadConfig(options=_options()),
     )
-    return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+    return ds.map(_image_and_label)
+
+
+def _image_and_label(ex: dict) -> tuple[tf.Tensor, tf.Tensor]:
+    """A TFDS example (image left encoded) as the (encoded image, int32 label) the pipelines take."""
+    return ex["image"], tf.cast(ex["label"], tf.int32)
 
 
 def _file_instructions(builder, piece: _Slice, buffer_size: int | None) -> list | None:
@@ -409,8 +414,9 @@ def _record_parser(builder):
     """Serialized TFDS example -> (encoded image, int32 label), as ``_raw_records`` yields them."""
 
     def parse(serialized):
-        ex = builder.info.features.deserialize_example(serialized, decoders={"image": tfds.decode.SkipDecoding()})
-        return ex["image"], tf.cast(ex["label"], tf.int32)
+        return _image_and_label(
+            builder.info.features.deserialize_example(serialized, decoders={"image": tfds.decode.SkipDecoding()})
+        )
 
     return parse
 
