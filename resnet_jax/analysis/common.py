@@ -312,11 +312,6 @@ def init_model(name: str, num_classes: int, *, seed: int = 0, **options):
     return nnx.merge(graphdef, state)
 
 
-def run_info(workdir: pathlib.Path) -> dict:
-    """The run's ``run_info.json`` ({} when it is missing or unreadable: the facts are re-derived)."""
-    return read_run_info(workdir)
-
-
 def load_model(workdir: str | pathlib.Path, checkpoint: str | int = "latest"):
     """A trained run's network, for inference or fine-tuning: ``(model, step)``.
 
@@ -356,7 +351,7 @@ class RunLoader:
 
         self.workdir = require_workdir(workdir)
         self.config = load_config(self.workdir)
-        recorded = run_info(self.workdir).get("dataset_info")
+        recorded = read_run_info(self.workdir).get("dataset_info")
         self.info = data.DatasetInfo.from_dict(recorded) if recorded else data.get_info(self.config.dataset)
         self.trainer = Trainer(self.config, self.info, Durations.from_config(self.config, self.info.num_train))
         if not (self.workdir / "checkpoints").is_dir():
@@ -410,7 +405,7 @@ class RunLoader:
         from resnet_jax import warm_start
 
         targets = self.trainer.weight_shapes()
-        record = run_info(self.workdir).get("init_from")  # the step it read then, not today's latest
+        record = read_run_info(self.workdir).get("init_from")  # the step it read then, not today's latest
         if record:
             warm = warm_start.from_record(record, self.config, targets)
         else:

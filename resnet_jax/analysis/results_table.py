@@ -54,7 +54,7 @@ from resnet_jax.analysis import common
 from resnet_jax.config import IMAGENET_IMAGE_SIZE, NON_RESULT_KEYS, flat_settings
 from resnet_jax.errors import UserError, describe
 from resnet_jax.logbook import METRICS_FILE, read_metrics
-from resnet_jax.workdir import CONFIG_FILE, result_path
+from resnet_jax.workdir import CONFIG_FILE, read_run_info, result_path
 
 log = logging.getLogger("resnet_jax")
 
@@ -248,12 +248,13 @@ def other_size_results(workdir: str | pathlib.Path, step: int) -> list[tuple[int
     return sorted(out, key=lambda r: (r[3], r[2]))
 
 
-def _settings(workdir, cfg: dict) -> dict[str, str]:
+def _settings(cfg: dict, info: dict) -> dict[str, str]:
     """The run's settings for grouping, with where its step 0 came from as one key ``init_from``:
-    run_info.json's record (source, checkpoint step, new or loaded head) rather than the config's
-    ``init_from`` keys, which name a path that may have moved and a 'latest' that moves on."""
+    its run_info.json's (``info``) record (source, checkpoint step, new or loaded head) rather than
+    the config's ``init_from`` keys, which name a path that may have moved and a 'latest' that
+    moves on."""
     flat = {k: v for k, v in flat_settings(cfg).items() if not k.startswith("init_from.")}
-    record = common.run_info(pathlib.Path(workdir)).get("init_from")
+    record = info.get("init_from")
     start = None
     if isinstance(record, dict):
         step = f"@{record['step']}" if record.get("step") is not None else ""
@@ -315,12 +316,13 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
         if final is None:
             log.warning("skipping %s: no eval row in its %s", wd, METRICS_FILE)
             continue
-        total = common.run_info(pathlib.Path(wd)).get("total_steps")
+        info = read_run_info(wd)
+        total = info.get("total_steps")
         if isinstance(total, int) and final[0] < total:
             log.warning(
                 "%s is unfinished: its last eval is at step %d of %d (shown in 'iterations')", wd, final[0], total
             )
-        changes = common.run_info(pathlib.Path(wd)).get("setting_changes")
+        changes = info.get("setting_changes")
         if changes:
             log.warning(
                 "%s was resumed with other settings (run_info.json setting_changes: %s): it is grouped by its "
@@ -328,7 +330,7 @@ def collect(workdirs: Iterable[str | pathlib.Path]) -> list[Row]:
                 wd,
                 json.dumps(changes),
             )
-        flat = _settings(wd, cfg)
+        flat = _settings(cfg, info)
         dataset_cfg = cfg.get("dataset", {})
         own = dataset_cfg.get("eval_image_size")
         own = own if own not in (None, dataset_cfg.get("image_size") or IMAGENET_IMAGE_SIZE) else None
