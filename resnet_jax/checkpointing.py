@@ -247,39 +247,46 @@ class Checkpointer:
 
 
 def resolve_step(
-    workdir: str | pathlib.Path, which: str | int | None, *, steps: list[int] | None = None, label: str | None = None
+    workdir: str | pathlib.Path,
+    which: str | int | None,
+    *,
+    steps: list[int] | None = None,
+    label: str | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> int:
     """A run's checkpoint step: ``None``/'latest' -> the newest, 'best' -> the best by eval top-1,
-    a number -> that step if it is kept. ``steps``: the kept steps, if already listed.
+    a number -> that step if it is kept. ``steps``: the kept steps, if already listed;
+    ``checkpointer``: the run's open Checkpointer, if the caller has one (it is not closed).
+
+    The one rule for every command that names a checkpoint (evaluate, warm starts, the analyses).
 
     Raises:
       UserError: no checkpoint, none evaluated ('best'), or the step is not kept; the message
         starts with ``label`` (default: the workdir).
     """
     label = label or str(workdir)
-    if steps is None:
-        steps = []
-        if checkpoint_dir(workdir).is_dir():
-            ckpt = Checkpointer(workdir, read_only=True)
-            steps = ckpt.all_steps()
-            ckpt.close()
-    if not steps:
-        raise UserError(f"{label}: no complete checkpoint in {checkpoint_dir(workdir)}; train first")
-    if which is None or which == "latest":
-        return steps[-1]
-    if which == "best":
-        ckpt = Checkpointer(workdir, read_only=True)
-        try:
+    needed = steps is None or which == "best"  # 'latest' or a step of listed steps: no manager to open
+    own = checkpointer is None and needed and checkpoint_dir(workdir).is_dir()
+    ckpt = Checkpointer(workdir, read_only=True) if own else checkpointer
+    try:
+        if steps is None:
+            steps = ckpt.all_steps() if ckpt is not None else []
+        if not steps:
+            raise UserError(f"{label}: no complete checkpoint in {checkpoint_dir(workdir)}; train first")
+        if which is None or which == "latest":
+            return steps[-1]
+        if which == "best":
             best = ckpt.best_step()
-        finally:
+            if best is None:
+                raise UserError(f"{label}: no evaluated checkpoint; use 'latest' or a step")
+            return best
+        if str(which).isdigit() and int(which) in steps:
+            return int(which)
+        shown = which if str(which).isdigit() else repr(which)
+        raise UserError(f"{label}: no checkpoint at step {shown}; kept steps: {steps}")
+    finally:
+        if own:
             ckpt.close()
-        if best is None:
-            raise UserError(f"{label}: no evaluated checkpoint; use 'latest' or a step")
-        return best
-    if str(which).isdigit() and int(which) in steps:
-        return int(which)
-    shown = which if str(which).isdigit() else repr(which)
-    raise UserError(f"{label}: no checkpoint at step {shown}; kept steps: {steps}")
 
 
 def abstract_with_shardings(state, shardings):

@@ -42,7 +42,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax import data, warm_start
-from resnet_jax.checkpointing import Checkpointer, abstract_with_shardings, has_checkpoints, restore_problem
+from resnet_jax.checkpointing import (
+    Checkpointer,
+    abstract_with_shardings,
+    has_checkpoints,
+    resolve_step,
+    restore_problem,
+)
 from resnet_jax.cli import check_config
 from resnet_jax.config import model_options
 from resnet_jax.errors import UserError
@@ -802,19 +808,7 @@ def evaluate_checkpoint(
         config.dataset.update(dataset_overrides)
     ckpt = Checkpointer(workdir, read_only=True)
     try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise UserError(f"no complete checkpoint in {ckpt.directory}; train first or check --workdir")
-        if checkpoint == "latest":
-            step = steps[-1]
-        elif checkpoint == "best":
-            step = ckpt.best_step()
-            if step is None:
-                raise UserError(f"no evaluated checkpoint in {ckpt.directory}; use --checkpoint=latest or a step")
-        elif checkpoint.isdigit() and int(checkpoint) in steps:
-            step = int(checkpoint)
-        else:
-            raise UserError(f"--checkpoint={checkpoint!r}: use 'latest', 'best' or one of the steps {steps}")
+        step = resolve_step(workdir, checkpoint, checkpointer=ckpt)
         info = data.get_info(config.dataset)
         trainer = Trainer(config, info, Durations.from_config(config, info.num_train))
         try:

@@ -172,7 +172,7 @@ def _evaluate_cases(tmp: pathlib.Path, existing: pathlib.Path) -> dict[str, tupl
         "bad_checkpoint": (
             [*ev, f"--workdir={wd}", "--checkpoint=7"],
             wd,
-            ["--checkpoint='7'", "'latest', 'best'", "[8, 16]"],
+            [f"{wd}: no checkpoint at step 7; kept steps: [8, 16]"],
         ),
     }
 
