@@ -6,7 +6,8 @@ Trains cifar_plain20, cifar_plain56, cifar_resnet20 and cifar_resnet56 (or the C
 of ``--models``) with one budget (experiments/degradation_digits.py) and writes
 DIR/degradation.png (training error, plain vs residual, in the style of paper 1, Fig. 6),
 DIR/results.md and DIR/results.json
-(``{"cifar_plain20": {"train_top1_err": ..., "test_top1_err": ...}, ...}``, errors as fractions).
+(``{"cifar_plain20": {"steps": ..., "train_top1_err": ..., "test_top1_err": ...}, ...}``, errors as
+fractions, ``steps`` the step of the test error: a table says how long its runs trained).
 The training error of a run is the mean training-batch error over its last epoch (train mode, as
 the paper's curves). Finished runs are not trained again when the demo is started again; a run
 already past the steps asked for (an earlier, longer demo in the same --workdir) is refused, not
@@ -59,13 +60,18 @@ def demo_config(name: str, num_steps: int | None = None):
 
 
 def summarize(workdir: pathlib.Path, steps_per_epoch: int) -> dict[str, float]:
-    """Final training error (last epoch's mean) and test error of one run, as fractions."""
+    """Final training error (last epoch's mean) and test error of one run, as fractions, and the
+    step of that test error."""
     rows = read_metrics(workdir)
     train = [r for r in rows if "train/top1_acc" in r]
     last = train[-1]["step"]
     recent = [r["train/top1_acc"] for r in train if r["step"] > last - steps_per_epoch] or [train[-1]["train/top1_acc"]]
     ev = [r for r in rows if "eval/top1_acc" in r][-1]
-    return {"train_top1_err": 1.0 - sum(recent) / len(recent), "test_top1_err": 1.0 - ev["eval/top1_acc"]}
+    return {
+        "steps": ev["step"],
+        "train_top1_err": 1.0 - sum(recent) / len(recent),
+        "test_top1_err": 1.0 - ev["eval/top1_acc"],
+    }
 
 
 def plot(out_dir: pathlib.Path, runs: dict[str, pathlib.Path]) -> pathlib.Path:
@@ -102,8 +108,11 @@ def plot(out_dir: pathlib.Path, runs: dict[str, pathlib.Path]) -> pathlib.Path:
 
 def write_tables(out_dir: pathlib.Path, results: dict[str, dict[str, float]]) -> None:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    lines = ["| model | train error (%) | test error (%) |", "|---|---|---|"]
-    lines += [f"| {m} | {100 * r['train_top1_err']:.2f} | {100 * r['test_top1_err']:.2f} |" for m, r in results.items()]
+    lines = ["| model | steps | train error (%) | test error (%) |", "|---|---|---|---|"]
+    lines += [
+        f"| {m} | {r['steps']} | {100 * r['train_top1_err']:.2f} | {100 * r['test_top1_err']:.2f} |"
+        for m, r in results.items()
+    ]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -297,13 +297,12 @@ def test_demo_writes_figure_and_tables(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results) == models
     for r in results.values():
-        assert set(r) == {"train_top1_err", "test_top1_err"} and all(0 <= v <= 1 for v in r.values())
+        assert set(r) == {"steps", "train_top1_err", "test_top1_err"} and r["steps"] == 2
+        assert 0 <= r["train_top1_err"] <= 1 and 0 <= r["test_top1_err"] <= 1
     assert (tmp_path / "degradation.png").stat().st_size > 10_000
     table = (tmp_path / "results.md").read_text().splitlines()
-    assert table[0] == "| model | train error (%) | test error (%) |" and [r.split(" | ")[0] for r in table[2:]] == [
-        "| cifar_plain8",
-        "| cifar_resnet8",
-    ]
+    assert table[0] == "| model | steps | train error (%) | test error (%) |"
+    assert [r.split(" | ")[:2] for r in table[2:]] == [["| cifar_plain8", "2"], ["| cifar_resnet8", "2"]]
     for name in models:
         cfg = json.loads((tmp_path / name / "config.json").read_text())
         assert cfg["model"]["name"] == name and cfg["dataset"]["name"] == "digits" and cfg["num_steps"] == 2
