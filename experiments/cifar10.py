@@ -3,6 +3,7 @@
 Command (the argument after ':' picks the network; default resnet20):
   python -m resnet_jax.train --config=experiments/cifar10.py:resnet110 --workdir=runs/cifar10_resnet110
   networks: resnet20 resnet32 resnet44 resnet56 resnet110 resnet1202, plain20 plain32 plain44 plain56 plain110
+  (and plain1202, which the paper does not train)
   model selection on paper 1's 45k/5k split: add --config.dataset.validation_split=true
 Expected test error, % (paper 1, Table 6): ResNet-20 8.75, 32 7.51, 44 7.17, 56 6.97, 110 6.43
 (best of 5; mean 6.61 +/- 0.16), 1202 7.93. Plain nets: Fig. 6 only; deeper plain nets have higher
@@ -27,9 +28,7 @@ DEPTHS = (20, 32, 44, 56, 110, 1202)
 def get_config(arg: str = "resnet20"):
     kind, depth = arg.rstrip("0123456789"), int(arg[len(arg.rstrip("0123456789")) :] or 20)
     if kind not in ("resnet", "plain") or depth not in DEPTHS:
-        raise ValueError(
-            f"experiments/cifar10.py:{arg}: use resnet{{20,32,44,56,110,1202}} or plain{{20,32,44,56,110}}"
-        )
+        raise ValueError(f"experiments/cifar10.py:{arg}: use resnet or plain followed by one of {DEPTHS}")
     c = cifar_paper_recipe(get_base_config())
     c.model.name = f"cifar_{kind}{depth}"
     c.model.zero_init_last_bn = False  # the paper's initialisation

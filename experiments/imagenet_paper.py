@@ -7,7 +7,7 @@ Command (argument: network and shortcut option; default resnet50):
   10-crop testing (the paper's protocol): python -m resnet_jax.evaluate --workdir=runs/in_r34B --eval_crops=10
 Expected 10-crop top-1 error, % (paper 1): plain-18 27.94, ResNet-18 (A) 27.88, plain-34 28.54,
 ResNet-34 A 25.03 / B 24.52 / C 24.19, ResNet-50 22.85, ResNet-101 21.75, ResNet-152 21.43.
-Recipe: batch 256, lr 0.1 /10 at epochs 30, 60, 90, 120 epochs (the paper's 60e4 iterations),
+Recipe: batch 256, lr 0.1 /10 at epochs 30, 60 and 90, stop at 120 (the paper's 60e4 iterations),
 wd 1e-4, momentum 0.9; bottleneck stride on the first 1x1 conv (stride_in='1x1') as in the paper;
 the paper's scale augmentation (shorter side in [256, 480], random 224 crop, flip) and AlexNet's
 PCA colour augmentation (dataset.train_augment='scale', dataset.lighting_std=0.1). Differences:

@@ -612,6 +612,21 @@ def test_imagenet_augment_options_are_checked():
         assert data.get_info(dataset_cfg(name="synthetic", **option)).name == "synthetic"
 
 
+def test_digits_augment_is_a_config_key_other_datasets_refuse():
+    """``dataset.augment`` reaches the digits from the command line (a base-config key); CIFAR and
+    ImageNet refuse it before their data is looked for, since their own augmentation ignores it."""
+    from resnet_jax.cli import experiment_config
+
+    cfg = experiment_config(os.path.join(REPO_ROOT, "experiments/digits.py"), "--config.dataset.augment=true").dataset
+    kwargs = dict(global_batch_size=16, seed=0)
+    plain = next(data.train_batches(dataset_cfg(name="digits"), **kwargs))["image"]
+    assert not np.array_equal(next(data.train_batches(cfg, **kwargs))["image"], plain)
+    for name, own in (("cifar10", "pad-and-crop"), ("imagenet2012", "train_augment's crops")):
+        with pytest.raises(UserError, match=f"augment=True is the digits' random shifts; {name} trains with .*{own}"):
+            data.get_info(dataset_cfg(name=name, augment=True))
+    assert data.get_info(dataset_cfg(name="synthetic", augment=True)).name == "synthetic"
+
+
 def test_prepare_command_builds_imagenet_once(tmp_path):
     """``python -m resnet_jax.prepare`` builds imagenet2012 from the tars with TFDS's real builder
     (the step a multi-process run asks for), says so again without rebuilding, and refuses bad

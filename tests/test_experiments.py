@@ -52,7 +52,7 @@ CONFIGS = [
         for v in ("original", "constant_scaling", "exclusive_gating", "shortcut_gating", "conv_shortcut")
     ],
     *[f"cifar_preact.py:{d}:{ds}" for d in (164, 1001) for ds in ("cifar10", "cifar100")],
-    *[f"cifar_preact.py:{d}:cifar10:original" for d in (164, 1001)],
+    *[f"cifar_preact.py:{d}:{ds}:original" for d in (164, 1001) for ds in ("cifar10", "cifar100")],
 ]
 
 
@@ -110,6 +110,28 @@ def test_recipes_match_the_papers():
     # Paper 2's CIFAR code (KaimingHe/resnet-1k-layers) strides the first 1x1 of a bottleneck.
     assert load("cifar_preact.py:1001:cifar100").model.stride_in == "1x1"
     assert load("cifar_preact.py:164:cifar10:original").model.stride_in == "1x1"
+    # The modern recipe is the Flax ImageNet example's optimiser: Nesterov momentum 0.9, and its
+    # penalty 1e-4 * 0.5 * sum(w**2) over the kernels, i.e. a decay of 1e-4 off BN and biases.
+    c = load("imagenet_modern.py:resnet50")
+    assert (c.nesterov, c.momentum, c.weight_decay, c.decay_bn_and_bias) == (True, 0.9, 1e-4, False)
+    assert c.learning_rate * c.batch_size / 256 == pytest.approx(0.4) and c.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize("name", ["sweep_cifar10.py", "sweep_preact.py"])
+def test_shipped_sweeps_name_configs_that_load(name):
+    """Every run of a shipped sweep names a config (and variant) this file checks, under a name of
+    its own; paper 2's sweep runs each pre-activation net beside its original counterpart."""
+    runs = sweep.load_sweep(str(EXPERIMENTS / name))
+    assert len({r["name"] for r in runs}) == len(runs)
+    assert {r["config"].removeprefix("experiments/") for r in runs} <= set(CONFIGS)
+    if name == "sweep_preact.py":
+        specs = {r["config"] for r in runs}
+        for d in (164, 1001):
+            for ds in ("cifar10", "cifar100"):
+                assert {
+                    f"experiments/cifar_preact.py:{d}:{ds}",
+                    f"experiments/cifar_preact.py:{d}:{ds}:original",
+                } <= specs
 
 
 def test_a_python_built_config_with_an_unknown_key_is_refused(tmp_path):
@@ -131,7 +153,7 @@ def test_a_python_built_config_with_an_unknown_key_is_refused(tmp_path):
 
 def test_bad_config_argument():
     """The config's own ValueError (not just the repeated path) reaches the flag's error."""
-    msg = "experiments/cifar10.py:resnet21: use resnet{20,32,44,56,110,1202} or plain{20,32,44,56,110}"
+    msg = "experiments/cifar10.py:resnet21: use resnet or plain followed by one of (20, 32, 44, 56, 110, 1202)"
     with pytest.raises(flags.IllegalFlagValueError, match=re.escape(msg)):
         load("cifar10.py:resnet21")
 

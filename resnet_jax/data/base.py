@@ -125,6 +125,16 @@ def eval_crops(dataset_cfg: Any) -> int:
     raise UserError(f"config.dataset.eval_crops={crops} is not supported for {name}: use {allowed}.")
 
 
+def check_no_digits_augment(dataset_cfg: Any, own: str) -> None:
+    """``augment`` turns on the digits' random shifts; another dataset's ``own`` augmentation would
+    silently ignore it."""
+    if cfg_get(dataset_cfg, "augment", False):
+        raise UserError(
+            f"config.dataset.augment=True is the digits' random shifts; {dataset_name(dataset_cfg)} "
+            f"trains with {own}: set it to False."
+        )
+
+
 def check_no_validation_split(dataset_cfg: Any) -> None:
     """``validation_split`` is a CIFAR option (45k/5k); elsewhere it would silently mean nothing."""
     if cfg_get(dataset_cfg, "validation_split", False):

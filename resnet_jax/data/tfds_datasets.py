@@ -303,7 +303,9 @@ def _layout(dataset_cfg: Any) -> tuple[Any, _Slice, _Slice, int, int]:
         if size != spec.default_image_size:
             raise UserError(f"{name} images are 32x32: leave config.dataset.image_size unset (or 32), not {size}.")
         base.check_no_imagenet_augment(dataset_cfg, "paper 1's pad-and-crop")
+        base.check_no_digits_augment(dataset_cfg, "paper 1's pad-and-crop")
     else:
+        base.check_no_digits_augment(dataset_cfg, "config.dataset.train_augment's crops")
         imagenet_augment_options(dataset_cfg)
         eval_image_size(dataset_cfg, size)
         if validation_split:
