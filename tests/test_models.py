@@ -860,6 +860,21 @@ def test_preact_projection_reads_the_preactivated_input():
     np.testing.assert_allclose(out, x + parts["residual"], rtol=1e-6, atol=1e-6)
 
 
+def test_preact_basic_block_is_bn_relu_conv_twice():
+    """Paper 2's Fig. 4(e): the branch is BN-ReLU-conv-BN-ReLU-conv with nothing after the last
+    conv (so it takes negative values), added to the identity."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    block = PreActBasicBlock(4, 4, 1, _block_options(), rngs=nnx.Rngs(0))
+    block.bn2.bias.set_value(jnp.full((4,), 0.2))
+    block.eval()
+    out, parts = block.forward(x)
+    relu = jax.nn.relu
+    r = block.conv2(relu(block.bn2(block.conv1(relu(block.bn1(x))))))
+    np.testing.assert_allclose(parts["residual"], r, rtol=1e-5, atol=1e-5)
+    assert float(jnp.min(parts["residual"])) < 0
+    np.testing.assert_allclose(out, x + r, rtol=1e-5, atol=1e-5)
+
+
 def test_preact_after_an_imagenet_stem_does_not_normalise_twice():
     """The paper's code ("no_preact"): after an ImageNet stem's conv-BN-ReLU-max-pool, the first
     pre-activation block starts with its convolution (no bn1) and its projection shortcut reads the

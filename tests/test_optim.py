@@ -161,3 +161,26 @@ def test_lars_unrolled_is_optax_lars(nesterov):
     want, _ = ref.update(grads, ref.init(params), params)
     got, _ = tx.update(grads, tx.init(params), params)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_is_the_papers_l2_momentum_update(nesterov):
+    """Two SGD steps are PyTorch's SGD (the papers' update), written out: the L2 term joins the
+    gradient before the momentum, only the kernels are decayed (``decay_bn_and_bias=False``) and
+    ``nesterov`` takes the look-ahead step (the modern recipe's; a plain step otherwise)."""
+    shapes = param_shapes("cifar_resnet8", scan=False)
+    params = random_like(shapes, seed=0)
+    grads = [random_like(shapes, seed=1 + k, spread=True) for k in range(2)]
+    lr, m, wd = 0.1, 0.9, 0.1
+    tx = make_optimizer(config("sgd", False, nesterov=nesterov), optax.constant_schedule(lr))
+    opt_state, got, want = tx.init(params), params, params
+    trace = jax.tree.map(np.zeros_like, params)
+    kernel = jax.tree.map(lambda a: a.ndim > 1, params)
+    for g in grads:
+        updates, opt_state = tx.update(g, opt_state, got)
+        got = optax.apply_updates(got, updates)
+        d = jax.tree.map(lambda gi, w, k: gi + (wd * w if k else 0.0), g, want, kernel)
+        trace = jax.tree.map(lambda v, di: m * v + di, trace, d)
+        step = jax.tree.map(lambda v, di: di + m * v, trace, d) if nesterov else trace
+        want = jax.tree.map(lambda w, s: w - lr * s, want, step)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)

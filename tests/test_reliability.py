@@ -626,3 +626,22 @@ def test_a_full_device_or_a_storage_hiccup_sets_no_checkpoint_aside(tmp_path, mo
             assert complete_steps(tmp_path) == [1, 2] and not (tmp_path / "checkpoints-damaged").exists()
     finally:
         ckpt.close()
+
+
+def test_best_is_the_highest_eval_top1_and_survives_the_retention(tmp_path):
+    """Orbax keeps the latest ``keep`` checkpoints and the best by eval top-1; 'best' resolves to
+    that one (not to the latest evaluated step), 'latest' to the newest, and a step that neither
+    policy keeps is gone. Real checkpoints, written synchronously."""
+    from resnet_jax.checkpointing import Checkpointer, resolve_step
+    from resnet_jax.errors import UserError
+
+    state = {"w": np.arange(3.0, dtype=np.float32)}
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+    for step, acc in ((1, 0.5), (2, 0.9), (3, None), (4, 0.7), (5, None)):
+        ckpt.save(step, state, metrics={} if acc is None else {"eval/top1_acc": acc}, force=True)
+    ckpt.close()
+    assert resolve_step(tmp_path, "best") == 2
+    assert resolve_step(tmp_path, "latest") == 5 and resolve_step(tmp_path, None) == 5
+    assert resolve_step(tmp_path, 4) == 4
+    with pytest.raises(UserError, match=r"no checkpoint at step 1; kept steps: \[2, 4, 5\]"):
+        resolve_step(tmp_path, "1")

@@ -84,3 +84,14 @@ def test_schedules_that_cannot_be_meant_are_warned_of(overrides, needles):
     assert len(warnings) == len(needles)
     for warning, needle in zip(warnings, needles, strict=True):
         assert needle in warning
+
+
+def test_epoch_boundaries_round_to_the_nearest_step():
+    """An epoch boundary, warm-up or eval interval that falls between steps goes to the nearest
+    step (0.9 and 1.9 epochs of 3 steps: steps 3 and 6), not always down (2 and 5)."""
+    c = get_base_config()
+    c.batch_size, c.num_epochs, c.lr_schedule = 10, 4.0, "step"
+    c.lr_boundaries_epochs, c.warmup_epochs, c.eval_every_epochs = (0.9, 1.9), 0.3, 0.9
+    d = Durations.from_config(c, num_train=30)
+    assert d.steps_per_epoch == 3 and d.boundaries == (3, 6)
+    assert (d.warmup_steps, d.eval_every_steps) == (1, 3)

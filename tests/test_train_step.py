@@ -240,7 +240,7 @@ def test_compiler_options_per_backend(monkeypatch):
     assert train.compiler_options("cpu") == {}
 
 
-def tiny_trainer(num_examples: int | None = None) -> train.Trainer:
+def tiny_trainer(num_examples: int | None = None, label_smoothing: float = 0.0) -> train.Trainer:
     """A Trainer of a width-4 cifar_resnet8 on 8x8 synthetic images, batch 8."""
     from resnet_jax.config import get_base_config
 
@@ -248,7 +248,31 @@ def tiny_trainer(num_examples: int | None = None) -> train.Trainer:
     config.model.name, config.model.width, config.batch_size = "cifar_resnet8", 4, 8
     config.dataset.name, config.dataset.image_size, config.dataset.num_classes = "synthetic", 8, 10
     config.dataset.num_examples = num_examples or config.dataset.num_examples
+    config.label_smoothing = label_smoothing
     return train.Trainer.for_config(config)
+
+
+def test_the_trainers_loss_is_the_batch_mean_of_the_configured_cross_entropy():
+    """train/loss (the loss the gradient is taken of) is the mean over the global batch of the
+    cross-entropy against labels smoothed by config.label_smoothing, computed here by hand from
+    the same network in training mode (batch statistics)."""
+    from resnet_jax import data
+
+    losses = {}
+    for smoothing in (0.0, 0.1):
+        trainer = tiny_trainer(num_examples=40, label_smoothing=smoothing)
+        state = trainer.init_state()
+        batch = next(data.train_batches(trainer.config.dataset, global_batch_size=8, seed=0))
+        model = nnx.merge(trainer.graphdef_train, state["params"], state["batch_stats"], copy=True)
+        logits = model(data.model_input(jnp.asarray(batch["image"]), trainer.info.pixels))
+        targets = (1 - smoothing) * jax.nn.one_hot(batch["label"], 10) + smoothing / 10
+        want = float(jnp.mean(-jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)))
+        batches = data.prefetch(iter([batch]), trainer.batch_sharding)
+        _, metrics = trainer.train_step(state, next(batches))
+        batches.close()
+        losses[smoothing] = float(metrics["train/loss"])
+        assert losses[smoothing] == pytest.approx(want, rel=1e-5), smoothing
+    assert abs(losses[0.1] - losses[0.0]) > 1e-3
 
 
 def test_a_loop_of_ones_own_as_the_trainer_docstring_writes_it():
