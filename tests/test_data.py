@@ -120,6 +120,20 @@ def test_digits_epoch_is_a_permutation():
     np.testing.assert_array_equal(np.bincount(np.concatenate([b["label"] for b in epoch])), np.bincount(train_labels))
 
 
+def test_digits_epochs_follow_the_documented_permutations():
+    """Epoch ``e`` of the train stream is ``np.random.default_rng([seed, e]).permutation(n)`` of the
+    training split (digits.py's docstring): epochs 0 and 1 each follow their own, different order."""
+    seed, loaded = 5, digits._load(8)
+    n = len(loaded["train_label"])
+    epochs = take(data.train_batches(dataset_cfg(name="digits"), global_batch_size=n, seed=seed), 2)
+    orders = [np.random.default_rng([seed, e]).permutation(n) for e in range(2)]
+    for batch, order in zip(epochs, orders, strict=True):
+        np.testing.assert_array_equal(batch["label"], loaded["train_label"][order])
+        np.testing.assert_array_equal(batch["image"], loaded["train_image"][order])
+    assert not np.array_equal(orders[0], orders[1])
+    assert not np.array_equal(epochs[0]["label"], epochs[1]["label"])  # a new order, not epoch 0 again
+
+
 @pytest.mark.parametrize("start_step, augment", [(0, False), (5, True)])
 def test_digits_two_processes_see_the_one_process_batches(start_step, augment):
     cfg = dataset_cfg(name="digits", augment=augment)
@@ -465,6 +479,138 @@ def test_cifar_fails_fast_when_its_server_cannot_be_reached(tmp_path, monkeypatc
     with pytest.raises(UserError, match=r"could not be downloaded \(ConnectionError\)"):
         data.get_info(dataset_cfg(name="cifar10", data_dir=str(tmp_path)))
     assert downloads == ["cifar10"]
+
+
+def _cifar_train_draws(image: np.ndarray, n: int) -> np.ndarray:
+    """``augment.cifar_train`` of one uint8 [32, 32, 3] image with ``n`` per-example seeds: [n, 32, 32, 3]."""
+    import tensorflow as tf
+
+    from resnet_jax.data import augment
+
+    png = tf.io.encode_png(tf.constant(image))
+    return np.stack([augment.cifar_train(png, tf.constant([11, k], tf.int64)).numpy() for k in range(n)])
+
+
+def test_cifar_crops_take_every_offset_of_the_4_pixel_padding():
+    """Paper 1's 4-pixel padding on each side then a random 32x32 crop: on an image without black
+    pixels, the black border of a crop is 0..4 rows at the top or bottom and 0..4 columns at the
+    left or right (never on both opposite sides), every width drawn on every side, and the rest
+    of the crop is the image."""
+    out = _cifar_train_draws(np.full((32, 32, 3), 200, np.uint8), 200)
+    assert out.shape == (200, 32, 32, 3) and out.dtype == np.uint8
+    assert set(np.unique(out)) == {0, 200}
+    black = (out == 0).all(axis=-1)  # [n, 32, 32]
+
+    def border(lines: np.ndarray) -> np.ndarray:
+        """Leading all-black lines of each [n, lines, ...] crop."""
+        full = lines.all(axis=2)  # [n, 32]
+        return np.where(full.all(axis=1), 32, np.argmin(full, axis=1))
+
+    widths = {
+        "top": border(black),
+        "bottom": border(black[:, ::-1]),
+        "left": border(black.transpose(0, 2, 1)),
+        "right": border(black.transpose(0, 2, 1)[:, ::-1]),
+    }
+    for side, w in widths.items():
+        assert set(w) == {0, 1, 2, 3, 4}, (side, sorted(set(w)))
+    assert not ((widths["top"] > 0) & (widths["bottom"] > 0)).any()
+    assert not ((widths["left"] > 0) & (widths["right"] > 0)).any()
+    # Symmetric: each side is black in about as many crops as its opposite.
+    for a, b in (("top", "bottom"), ("left", "right")):
+        assert abs(int((widths[a] > 0).sum()) - int((widths[b] > 0).sum())) < 50, (a, b)
+    for i in range(len(out)):  # black exactly outside the image's rectangle
+        rows = slice(widths["top"][i], 32 - widths["bottom"][i])
+        cols = slice(widths["left"][i], 32 - widths["right"][i])
+        assert (out[i, rows, cols] == 200).all()
+        assert black[i].sum() == 32 * 32 - (rows.stop - rows.start) * (cols.stop - cols.start)
+
+
+def test_cifar_flips_about_half_the_crops():
+    """The random horizontal flip: on an image dark on the left half and bright on the right, a
+    crop shifted by at most 4 pixels keeps column 11 in the left half and column 20 in the right
+    one unless it is flipped; about half of 200 draws are flipped, and both outcomes occur."""
+    image = np.full((32, 32, 3), 50, np.uint8)
+    image[:, 16:] = 200
+    out = _cifar_train_draws(image, 200)
+    left, right = out[:, 16, 11, 0], out[:, 16, 20, 0]
+    assert set(left) | set(right) <= {50, 200} and (left != right).all()
+    flipped = left == 200
+    assert 0.3 < flipped.mean() < 0.7, flipped.mean()
+    assert flipped.any() and not flipped.all()
+
+
+def test_slice_host_shares_split_the_slice_itself():
+    """A host's share of ``split[start:end]`` is its part of that range (offset by ``start``): the
+    second of 2 shares of train[45000:50000] is train[47500:50000]; for any process count the
+    shares are contiguous, disjoint and cover exactly [start, end)."""
+    from resnet_jax.data.tfds_datasets import _Slice
+
+    piece = _Slice("train", 45_000, 50_000)
+    assert piece.host_share(1, 2) == _Slice("train", 47_500, 50_000)
+    assert str(piece.host_share(0, 2)) == "train[45000:47500]"
+    for count in (1, 2, 3, 7):
+        shares = [piece.host_share(p, count) for p in range(count)]
+        assert {s.split for s in shares} == {"train"}
+        assert shares[0].start == 45_000 and shares[-1].end == 50_000
+        assert all(a.end == b.start for a, b in zip(shares, shares[1:]))
+        assert (
+            sum(s.size for s in shares) == piece.size and max(s.size for s in shares) - min(s.size for s in shares) <= 1
+        )
+    assert _Slice("test", 0, 10).host_share(1, 2) == _Slice("test", 5, 10)
+
+
+def _indexed_cifar(requested: list[str], per_slice: int = 4):
+    """A mock ``_as_dataset`` whose examples name their index in the split: the first ``per_slice``
+    examples of ``split[start:end]`` are constant images whose pixel is (i // 256, i % 256, 255) for
+    i = start, start + 1, ...; each requested split string is appended to ``requested``."""
+    import re
+
+    import tensorflow as tf
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False, **kwargs):
+        requested.append(str(split))
+        name, start, end = re.fullmatch(r"(\w+)\[(\d+):(\d+)\]", str(split)).groups()
+        indices = list(range(int(start), min(int(start) + per_slice, int(end))))
+        pixels = [np.broadcast_to(np.array([i // 256, i % 256, 255], np.uint8), (32, 32, 3)) for i in indices]
+        return tf.data.Dataset.from_tensor_slices(
+            {
+                "id": tf.constant([f"{name}_{i}" for i in indices]),
+                "image": tf.stack([tf.io.encode_png(tf.constant(p)) for p in pixels]),
+                "label": tf.constant([i % 10 for i in indices], tf.int64),
+            }
+        )
+
+    return as_dataset
+
+
+def test_cifar_validation_split_evaluates_on_the_last_5000_training_images(tmp_path, monkeypatch):
+    """``validation_split=True`` (paper 1's protocol): training reads train[0:45000] and evaluation
+    train[45000:50000], disjoint slices of the training split; the eval examples are the held-out
+    ones (index >= 45000), none of the training stream's."""
+    import tensorflow_datasets as tfds
+
+    from resnet_jax.data import tfds_datasets
+    from resnet_jax.data.tfds_datasets import _Slice
+
+    monkeypatch.setitem(
+        tfds_datasets._SPECS, "cifar10", dataclasses.replace(tfds_datasets._SPECS["cifar10"], download_from=())
+    )
+    cfg = dataset_cfg(name="cifar10", data_dir=str(tmp_path), validation_split=True)
+    requested = []
+    with tfds.testing.mock_data(as_dataset_fn=_indexed_cifar(requested)):
+        _, train, evaluation, _, _ = tfds_datasets._layout(cfg)
+        assert train == _Slice("train", 0, 45_000) and evaluation == _Slice("train", 45_000, 50_000)
+        evals = list(data.eval_batches(cfg, global_batch_size=1000))
+        batches = take(data.train_batches(cfg, global_batch_size=4, seed=0), 2)
+    assert requested == ["train[45000:50000]", "train[0:45000]"]
+    valid = np.concatenate([b["image"][b["mask"] == 1] for b in evals])
+    eval_index = valid[:, 0, 0, 0].astype(int) * 256 + valid[:, 0, 0, 1]
+    assert list(eval_index) == [45_000, 45_001, 45_002, 45_003]  # in order, from the held-out slice
+    images = np.concatenate([b["image"] for b in batches])  # augmented: the centre is always the image
+    train_index = images[:, 16, 16, 0].astype(int) * 256 + images[:, 16, 16, 1]
+    assert sorted(train_index) == [0, 0, 1, 1, 2, 2, 3, 3]  # two epochs of train[0:45000]'s first four
+    assert not set(eval_index) & set(train_index)
 
 
 # ---------------------------------------------------------------------------------------- ImageNet
