@@ -230,6 +230,8 @@ def test_curves_plot(fake_runs, tmp_path, capsys):
     assert is_png(out)
     steps, errors = curves.error_curves(runs[0])["test"]
     assert steps == [200, 400] and errors == pytest.approx([14.0, 9.0])
+    steps, errors = curves.error_curves(runs[0])["train"]  # train/top1_acc 0.93: 7% training error
+    assert steps == [100, 200, 300, 400] and errors == pytest.approx([7.0] * 4)
     # CLI: default labels from the configs (repeated ones made unique), no overwrite.
     out2 = tmp_path / "cli.png"
     assert curves.main(["--runs", *map(str, runs), "--out", str(out2)]) == 0

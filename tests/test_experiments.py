@@ -187,6 +187,27 @@ def test_sweep_runs_and_skips_finished(tmp_path):
     assert not (root / "tiny" / "seed1").exists()
 
 
+def test_a_run_is_finished_only_with_its_final_checkpoint_and_final_eval(tmp_path):
+    """sweep.finished: an eval row at run_info's total_steps and the checkpoint of that step; an
+    eval before the last step, or a last eval whose checkpoint save was cut short, is unfinished."""
+    wd = tmp_path / "run"
+    (wd / "checkpoints" / "8").mkdir(parents=True)
+    (wd / "run_info.json").write_text(json.dumps({"total_steps": 8}))
+
+    def metrics(*eval_steps):
+        rows = [{"step": s, "eval/top1_acc": 0.5} for s in eval_steps]
+        (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    metrics(4, 8)
+    assert sweep.finished(wd)
+    metrics(4)
+    assert not sweep.finished(wd)
+    metrics(4, 8)
+    (wd / "checkpoints" / "8").rename(wd / "checkpoints" / "4")
+    assert not sweep.finished(wd)
+    assert not sweep.finished(tmp_path / "missing")
+
+
 def test_sweep_stops_at_a_run_refused_for_bad_input(tmp_path):
     """A run the trainer refuses (exit 2; here a regular file where its checkpoints go) stops the
     sweep with one line naming it: the next run is not started."""

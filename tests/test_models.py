@@ -659,6 +659,19 @@ def test_eval_mode_uses_running_stats():
     np.testing.assert_array_equal(bn.mean[...], [1.0, -2.0, 0.5])  # eval mode does not update
 
 
+def test_batchnorm_epsilon_is_added_to_the_variance():
+    """(x - mean) / sqrt(var + eps), as PyTorch and Flax: on channels whose variance is near eps
+    (1e-6 here, eps 1e-5) the epsilon dominates, so adding it after the square root shows, in
+    train mode (batch statistics) and in eval mode (running ones)."""
+    x = np.random.default_rng(0).normal(size=(4, 3, 3, 2)) * np.array([1e-3, 1.0])  # variances ~1e-6 and ~1
+    bn = BatchNorm(2)
+    np.testing.assert_allclose(bn(jnp.asarray(x, jnp.float32)), _normalise(x), rtol=1e-3, atol=1e-4)
+    bn.use_running_average = True
+    bn.mean.set_value(jnp.zeros(2))
+    bn.var.set_value(jnp.array([1e-6, 1.0]))
+    np.testing.assert_allclose(bn(jnp.asarray(x, jnp.float32)), x / np.sqrt(np.array([1e-6, 1.0]) + 1e-5), rtol=1e-4)
+
+
 def _normalise(x, eps=1e-5):
     x = np.asarray(x, np.float64)
     return (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + eps)

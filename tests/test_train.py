@@ -184,6 +184,7 @@ def test_one_step_on_imagenet_built_by_tfds(imagenet_data_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((tmp_path / "eval_1_48px.json").read_text())
     assert result["step"] == 1 and np.isfinite(result["eval/loss"]) and not (tmp_path / "eval_1.json").exists()
+    assert abs(result["eval/loss"] - final["eval/loss"]) > 1e-6  # tested on 48px crops, not the run's 32px
     # The run's own side is no other size: 224 when image_size is unset, as in every ImageNet config.
     from resnet_jax.workdir import other_size
 

@@ -346,3 +346,55 @@ def test_the_initialisation_is_compiled_light_to_the_same_values(monkeypatch):
     monkeypatch.setattr(train, "init_compiler_options", lambda: {"xla_cpu_no_such_option_anywhere": True})
     with pytest.raises(jax.errors.JaxRuntimeError, match="xla_cpu_no_such_option_anywhere"):
         trainer.init_state()
+
+
+def _eval_model():
+    model = create_model("cifar_resnet8", num_classes=NUM_CLASSES, width=4, rngs=nnx.Rngs(0))
+    model.eval()
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    state = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
+    return model, graphdef, state
+
+
+@pytest.mark.parametrize("crops", [1, 10])
+def test_eval_step_counts_the_unmasked_rows_top1_top5_and_averages_the_crops_softmax(crops):
+    """eval_step's sums, by hand: only rows with mask 1 count (the last batch's padding is masked
+    out even where the network predicts its label); top-5 is a hit for a label ranked 5th, not
+    6th; multi-crop images are scored by the mean of the crops' softmax (paper 1's 10-crop test),
+    not by one crop."""
+    model, graphdef, state = _eval_model()
+    shape = (4, crops, 8, 8, 3) if crops > 1 else (4, 8, 8, 3)
+    images = jax.random.normal(jax.random.key(3), shape) * 2.0
+    flat = images.reshape((-1, 8, 8, 3))
+    probs = jax.nn.softmax(model(flat)).reshape(4, crops, NUM_CLASSES).mean(1)
+    rank = np.argsort(-np.asarray(probs), axis=1)  # classes from the most to the least likely
+    # Rows 0-2 count: labels ranked 5th (a top-5 hit only), 1st (both) and 6th (neither); row 3
+    # is padding whose label the network ranks first.
+    labels = jnp.asarray([rank[0, 4], rank[1, 0], rank[2, 5], rank[3, 0]], jnp.int32)
+    mask = jnp.asarray([1, 1, 1, 0], jnp.float32)
+    step = jax.jit(functools.partial(train.eval_step, graphdef=graphdef, num_classes=NUM_CLASSES))
+    sums = step(state, {"image": images, "label": labels, "mask": mask}, train.zero_eval_sums())
+    assert (float(sums["count"]), float(sums["top1"]), float(sums["top5"])) == (3.0, 1.0, 2.0)
+    want_loss = -np.log(np.asarray(probs)[np.arange(3), np.asarray(labels)[:3]]).sum()
+    assert float(sums["loss"]) == pytest.approx(want_loss, rel=1e-4)
+    if crops > 1:  # the centre crop alone gives another loss
+        centre = jax.nn.softmax(model(images[:, 4]))
+        assert abs(-np.log(np.asarray(centre)[np.arange(3), np.asarray(labels)[:3]]).sum() - want_loss) > 1e-3
+
+
+def test_train_top1_is_the_argmax_accuracy_of_the_steps_logits():
+    """train/top1_acc is the share of the batch whose argmax over the train-mode logits (the
+    ones the loss is taken of) is the label; labels chosen so that it is 6 of 8 here."""
+    from resnet_jax import data
+
+    trainer = tiny_trainer(num_examples=40)
+    state = trainer.init_state()
+    batch = next(data.train_batches(trainer.config.dataset, global_batch_size=8, seed=0))
+    model = nnx.merge(trainer.graphdef_train, state["params"], state["batch_stats"], copy=True)
+    logits = np.asarray(model(data.model_input(jnp.asarray(batch["image"]), trainer.info.pixels)))
+    top, second = np.argsort(-logits, axis=1)[:, 0], np.argsort(-logits, axis=1)[:, 1]
+    batch["label"] = np.where(np.arange(8) < 6, top, second).astype(batch["label"].dtype)
+    batches = data.prefetch(iter([batch]), trainer.batch_sharding)
+    _, metrics = trainer.train_step(state, next(batches))
+    batches.close()
+    assert float(metrics["train/top1_acc"]) == pytest.approx(6 / 8)
