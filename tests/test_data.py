@@ -704,25 +704,200 @@ def test_imagenet_scale_augmentation(imagenet_data_dir):
         assert max(abs(s) for s in shifts) >= 1.0, recipe
 
 
-def test_scale_augmentation_draws_the_papers_scales():
-    """Resizing a horizontal ramp 0..255 (100x100) so that its shorter side is s makes the slope of
-    the crop 255 / (s - 1) per pixel: over many seeds, s covers scale_range(16) = (18, 34), the
-    paper's [256, 480] at 16/224 of the size, and no other values."""
+def test_scale_augmentation_draws_the_papers_scales(monkeypatch):
+    """The shorter side is a uniform integer of scale_range(size), both ends included: for 16 the
+    paper's [256, 480] at 16/224, (18, 34). Each drawn side (recorded where the image is resized)
+    is what the crop shows: resizing a horizontal ramp 0..255 (100x100) so that its shorter side is
+    s makes the slope of the crop about 255 / (s - 1) per pixel. Over 200 seeds every side of
+    18..34 is drawn, 18 and 34 included, and no other."""
     import tensorflow as tf
 
     from resnet_jax.data import augment
 
     assert augment.scale_range(224) == (256, 480) and augment.scale_range(16) == (18, 34)
+    drawn = []
+    resize = augment._resize_shorter_side
+
+    def recording_resize(image, shorter, antialias=True):
+        drawn.append(int(shorter))
+        return resize(image, shorter, antialias)
+
+    monkeypatch.setattr(augment, "_resize_shorter_side", recording_resize)
     ramp = np.tile(np.linspace(0, 255, 100, dtype=np.float32)[None, :, None], (100, 1, 3))
     png = tf.io.encode_png(tf.constant(np.round(ramp).astype(np.uint8)))
     sides = []
-    for k in range(60):
+    for k in range(200):
         out = augment.imagenet_scale_train(png, tf.constant([7, k], tf.int64), 16, antialias=False).numpy()
         assert out.shape == (16, 16, 3) and out.dtype == np.uint8
         slope = abs(float(out[8, -1, 0]) - float(out[8, 0, 0])) / 15
         sides.append(255 / slope + 1)
-    assert min(sides) > 18 - 1.5 and max(sides) < 34 + 1.5, (min(sides), max(sides))
-    assert min(sides) < 22 and max(sides) > 30  # the whole range is drawn
+    assert len(drawn) == 200
+    assert set(drawn) == set(range(18, 35)), sorted(set(drawn))  # 18 and 34 included
+    error = np.abs(np.array(sides) - np.array(drawn))
+    assert error.max() < 1.5, (error.max(), drawn[int(error.argmax())])  # the image was resized to it
+
+
+def test_imagenet_statistics_are_torchvisions_in_rgb_order(imagenet_data_dir):
+    """ImageNet's pixel statistics are torchvision's, in RGB order: mean (0.485, 0.456, 0.406),
+    std (0.229, 0.224, 0.225). The dataset's info carries them, and model_input with it maps an
+    image of the mean colour to about 0 (up to the uint8 rounding of mean * 255) and the mean plus
+    one std in each channel to about 1."""
+    from resnet_jax.data import augment
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    assert augment.IMAGENET_MEAN == mean and augment.IMAGENET_STD == std
+    info = data.get_info(imagenet_cfg(*imagenet_data_dir))
+    assert info.pixels == (mean, std)
+    for level, want in ((np.array(mean), 0.0), (np.array(mean) + np.array(std), 1.0)):
+        image = np.tile(np.round(level * 255).astype(np.uint8), (1, 2, 2, 1))  # [1, 2, 2, 3]
+        x = np.asarray(data.model_input(image, info.pixels))
+        # A uint8 level is within 0.5 of level * 255: within 0.5 / (255 * 0.224) = 0.009 of want.
+        np.testing.assert_allclose(x, want, atol=0.5 / (255 * min(std)) + 1e-6)
+
+
+def _coordinate_jpeg(side: int = 256):
+    """A ``side`` x ``side`` JPEG (quality 100, no chroma subsampling) whose red channel is the
+    column and green the row (blue 128): its pixels say where they came from, to a few levels."""
+    import tensorflow as tf
+
+    rows, cols = np.mgrid[0:side, 0:side]
+    image = np.stack([cols, rows, np.full_like(cols, 128)], axis=-1).astype(np.uint8)
+    return tf.io.encode_jpeg(tf.constant(image), quality=100, chroma_downsampling=False)
+
+
+def test_inception_crop_areas_and_aspect_ratios_span_the_papers_ranges():
+    """The Inception crop's window covers 8%-100% of the image with aspect ratio (width / height)
+    3/4-4/3. Measured from 300 crops of a 256x256 image whose pixels encode their coordinates
+    (resized to 32x32 without antialiasing, the column ramp's slope is the window's width / 32, the
+    row ramp's its height / 32): the areas reach down to near 8% and no lower, the aspect ratios
+    reach near both 3/4 and 4/3 and not beyond."""
+    import tensorflow as tf
+
+    from resnet_jax.data import augment
+
+    jpeg, size = _coordinate_jpeg(256), 32
+    j = np.arange(size)
+    areas, aspects = [], []
+    for k in range(300):
+        out = augment.imagenet_train(jpeg, tf.constant([3, k], tf.int64), size, antialias=False).numpy()
+        assert out.shape == (size, size, 3) and out.dtype == np.uint8
+        out = out.astype(np.float64)
+        width = abs(np.polyfit(j, out[..., 0].mean(axis=0), 1)[0]) * size  # abs: the flips
+        height = abs(np.polyfit(j, out[..., 1].mean(axis=1), 1)[0]) * size
+        areas.append(width * height / 256**2)
+        aspects.append(width / height)
+    assert 0.07 < min(areas) < 0.11, min(areas)  # the 8% end is drawn
+    assert max(areas) > 0.8, max(areas)
+    assert 0.72 < min(aspects) < 0.78, min(aspects)  # 3/4
+    assert 1.29 < max(aspects) < 1.38, max(aspects)  # 4/3
+
+
+def _ramp_png(height: int, width: int):
+    """A PNG whose red channel is 4 x column and green 4 x row (blue 0); the sides at most 64."""
+    import tensorflow as tf
+
+    rows, cols = np.mgrid[0:height, 0:width]
+    image = np.stack([4 * cols, 4 * rows, np.zeros_like(cols)], axis=-1).astype(np.uint8)
+    return tf.io.encode_png(tf.constant(image))
+
+
+def _resized_ramp(height: int, width: int, shorter: int) -> tuple[np.ndarray, int, int]:
+    """The ``_ramp_png`` image with its shorter side resized to ``shorter`` as a float [H', W', 2]
+    (red, green) of what a linear resize gives away from the border: output pixel c samples the
+    source at (c + 0.5) / scale - 0.5, and a ramp stays a ramp. Also H', W'."""
+    scale = shorter / min(height, width)
+    new_h, new_w = round(height * scale), round(width * scale)
+    src_rows = (np.arange(new_h) + 0.5) / scale - 0.5
+    src_cols = (np.arange(new_w) + 0.5) / scale - 0.5
+    red = np.broadcast_to(4 * src_cols[None, :], (new_h, new_w))
+    green = np.broadcast_to(4 * src_rows[:, None], (new_h, new_w))
+    return np.stack([red, green], axis=-1), new_h, new_w
+
+
+def test_imagenet_eval_crops_the_centre_of_the_image_resized_to_256_over_224():
+    """The eval view: the image resized so that its shorter side is round(size * 256 / 224) (256
+    for 224), then the centre size x size crop. On ramps whose pixels encode their coordinates,
+    landscape and portrait, at sizes 14 (shorter side 16) and 20 (23), each crop pixel holds the
+    coordinate it samples in that resized image's centre crop (to the uint8 rounding)."""
+    from resnet_jax.data import augment
+
+    for size in (14, 20):
+        shorter = round(size * 256 / 224)
+        for height, width in ((32, 64), (64, 32)):
+            out = augment.imagenet_eval(_ramp_png(height, width), size).numpy()
+            assert out.shape == (size, size, 3) and out.dtype == np.uint8
+            resized, new_h, new_w = _resized_ramp(height, width, shorter)
+            top, left = (new_h - size) // 2, (new_w - size) // 2
+            want = resized[top : top + size, left : left + size]
+            np.testing.assert_allclose(out[..., :2], want, atol=0.75, err_msg=f"{size=} {height}x{width}")
+
+
+def test_imagenet_ten_crops_are_the_corners_and_centre_then_their_flips():
+    """Paper 1's 10-crop testing, in the documented order: views 0-4 are the top-left, top-right,
+    bottom-left and bottom-right corners and the centre of the image resized to shorter side
+    round(size * 256 / 224), views 5-9 the same views flipped horizontally. Checked on a 32x64 ramp
+    encoding coordinates at size 14 (the resized image 16x32: the corners 2 rows and 18 columns
+    apart), inside each view's 1-pixel border (where the antialiasing filter meets the image edge)."""
+    from resnet_jax.data import augment
+
+    size = 14
+    views = augment.imagenet_eval(_ramp_png(32, 64), size, crops=10).numpy()
+    assert views.shape == (10, size, size, 3) and views.dtype == np.uint8
+    resized, new_h, new_w = _resized_ramp(32, 64, round(size * 256 / 224))
+    assert (new_h, new_w) == (16, 32)
+    origins = [
+        (0, 0),  # top left
+        (0, new_w - size),  # top right
+        (new_h - size, 0),  # bottom left
+        (new_h - size, new_w - size),  # bottom right
+        ((new_h - size) // 2, (new_w - size) // 2),  # centre
+    ]
+    for k, (top, left) in enumerate(origins):
+        want = resized[top : top + size, left : left + size]
+        np.testing.assert_allclose(views[k, 1:-1, 1:-1, :2], want[1:-1, 1:-1], atol=0.75, err_msg=f"view {k}")
+    np.testing.assert_array_equal(views[5:], views[:5, :, ::-1])  # their horizontal flips
+    np.testing.assert_array_equal(views[4], augment.imagenet_eval(_ramp_png(32, 64), size).numpy())
+
+
+def test_lighting_shifts_by_the_published_pca_of_imagenets_colours():
+    """AlexNet's PCA lighting with fb.resnet.torch's figures: eigenvalues (0.2175, 0.0188, 0.0045)
+    and eigenvectors (the columns of its 3x3 matrix) of ImageNet's RGB covariance on the 0..1 scale.
+    Each image is shifted by EIGVEC @ (alpha * EIGVAL) * 255 (uint8 levels), added, with alpha ~
+    N(0, lighting_std) drawn from the example seed (scale recipe: the 4th of 4 splits; Inception
+    crop: the seed with 1 folded in). On a uniform grey image (crops, flips and resizes leave it
+    grey), both recipes output exactly round(128 + shift) per channel for several seeds."""
+    import tensorflow as tf
+
+    from resnet_jax.data import augment
+
+    eigval = np.array([0.2175, 0.0188, 0.0045])
+    eigvec = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+    np.testing.assert_array_equal(np.array(augment.LIGHTING_EIGVAL), eigval)
+    np.testing.assert_array_equal(np.array(augment.LIGHTING_EIGVEC), eigvec)
+    grey = np.full((40, 40, 3), 128, np.uint8)
+    png, jpeg = tf.io.encode_png(tf.constant(grey)), tf.io.encode_jpeg(tf.constant(grey), quality=100)
+    assert (tf.io.decode_jpeg(jpeg).numpy() == 128).all()
+    std = 0.5
+    for k in range(4):
+        seed = tf.constant([5, k], tf.int64)
+        recipes = {
+            "scale": (
+                augment.imagenet_scale_train(png, seed, 16, lighting_std=std),
+                tf.unstack(tf.random.experimental.stateless_split(seed, 4))[3],
+            ),
+            "inception": (
+                augment.imagenet_train(jpeg, seed, 16, lighting_std=std),
+                tf.random.experimental.stateless_fold_in(seed, 1),
+            ),
+        }
+        for recipe, (out, light_seed) in recipes.items():
+            alpha = tf.random.stateless_normal([3], light_seed, stddev=std).numpy().astype(np.float64)
+            shift = 255.0 * eigvec @ (alpha * eigval)
+            want = np.clip(np.round(128 + shift), 0, 255)
+            assert np.abs(shift).max() > 2, (recipe, k, shift)  # a sign or order error would show
+            out = out.numpy()
+            assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+            np.testing.assert_allclose(out.reshape(-1, 3), np.tile(want, (256, 1)), atol=1, err_msg=f"{recipe} {k}")
 
 
 def test_imagenet_eval_image_size(imagenet_data_dir):
