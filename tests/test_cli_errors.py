@@ -301,7 +301,7 @@ def test_fresh_sets_the_old_run_aside(results):
         # A config file's own error for a variant it does not have, not ml_collections' first line.
         (
             ["--config=experiments/cifar10.py:resnet999", "--workdir=/nonexistent/wd"],
-            "cifar10.py:resnet999: use resnet{20,32,44,56,110,1202}",
+            "cifar10.py:resnet999: use resnet or plain followed by one of (20, 32, 44, 56, 110, 1202)",
         ),
         (["--config=experiments/digits.py:foo", "--workdir=/nonexistent/wd"], "docstring lists its variants"),
         # Choices the trainer would refuse only after JAX started (a sweep, after its earlier runs).
