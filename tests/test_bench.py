@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -41,7 +42,7 @@ def test_cli_json_line():
         "--model=cifar_resnet8",
         "--batch_size=8",
         "--image_size=16",
-        "--steps=2",
+        "--steps=3",
         "--warmup=1",
         "--xla_gpu_flags",
         "--json",
@@ -55,7 +56,10 @@ def test_cli_json_line():
     assert out["forward_macs_per_image"] > 1e6
     assert out["flops_per_step"] == 3 * 2 * 8 * out["forward_macs_per_image"]
     assert out["mfu"] is None  # no known peak for a CPU
-    assert "device" in out and len(out["train_step_ms_all"]) == 2
+    assert "device" in out and len(out["train_step_ms_all"]) == 3
+    # img/s is the batch over the median step time, of the steps it reports.
+    assert out["train_step_ms"] == pytest.approx(statistics.median(out["train_step_ms_all"]), abs=2e-3)
+    assert out["train_img_per_s"] == pytest.approx(8e3 / out["train_step_ms"])
     assert bench.DEFAULT_XLA_GPU_FLAGS in out["xla_flags"]
 
 
@@ -77,11 +81,14 @@ def test_fed_by_the_input_pipeline_with_a_space_to_depth_stem():
         "--input_fed",
         "--ip_images=6",
         "--no_eval",
+        "--peak_tflops=0.5",
         "--json",
     )
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["space_to_depth_stem"] is True and out["devices"] == 2 and out["width"] == 8
+    # --peak_tflops is per device: MFU is the achieved FLOP/s over the peak of both devices.
+    assert out["peak_tflops"] == 1.0 and out["mfu"] == pytest.approx(out["achieved_tflops"] / 1.0)
     assert out["xla_flags"].split() == [
         "--xla_force_host_platform_device_count=2",
         "--xla_backend_optimization_level=1",
@@ -311,3 +318,17 @@ def test_saved_residual_bytes():
     plain = bench.saved_residual_bytes(f, x)
     remat = bench.saved_residual_bytes(jax.checkpoint(f), x)
     assert plain >= 3 * 4000 and remat == 4000  # cos of each sin's input vs the input alone
+
+
+def test_speedups_say_how_much_faster_ours_is_and_img_per_s_uses_the_median():
+    """speedups(label, ref) > 1 when label's steps are shorter (here 2x in every repeat and by
+    CPU time); img/s is the batch over the median step, not the mean or the fastest."""
+    t = bench.Timings(
+        wall={"ours": [1.0, 1.0, 1.0], "ref": [2.0, 2.0, 2.0]},
+        cpu={"ours": [1.5, 1.5], "ref": [3.0, 3.0]},
+        per_repeat=[{"ours": 1.0, "ref": 2.0}, {"ours": 1.0, "ref": 2.0}],
+    )
+    sp = t.speedups("ours", "ref")
+    assert (sp["ratio"], sp["paired"], sp["cpu"], sp["per_repeat"]) == (2.0, 2.0, 2.0, [2.0, 2.0])
+    assert t.img_per_s("ref", 8) == 4.0
+    assert bench.median_img_per_s([1.0, 2.0, 10.0], 4) == 2.0 and bench.median_img_per_s([], 4) is None

@@ -293,6 +293,8 @@ def test_fresh_sets_the_old_run_aside(results):
         (["--config.keep_checkpoints=0", "--workdir=/nonexistent/wd"], "config.keep_checkpoints=0; use at least 1"),
         (["--config.eval_every_epochs=-1", "--workdir=/nonexistent/wd"], "config.eval_every_epochs=-1.0"),
         (["--config.label_smoothing=1.5", "--workdir=/nonexistent/wd"], "config.label_smoothing=1.5; use a number in"),
+        (["--config.momentum=1", "--workdir=/nonexistent/wd"], "config.momentum=1.0; use a number in [0, 1)"),
+        (["--config.weight_decay=-1", "--workdir=/nonexistent/wd"], "config.weight_decay=-1.0; use a non-negative"),
         (["--config.lr_boundaries_steps=(8,x)", "--workdir=/nonexistent/wd"], "lr_boundaries_steps=('(8,x)',)"),
         (
             ["--config.model.bn_group_size=7", "--workdir=/nonexistent/wd"],  # digits: batch 128
@@ -446,6 +448,30 @@ def test_a_file_where_the_checkpoints_go_is_refused_before_anything_is_written(t
     assert {k: v for k, v in snapshot(tmp_path).items() if k != ".lock"} == before
 
 
+def test_a_workdir_is_held_by_one_open_run_at_a_time(tmp_path):
+    """The lock is exclusive: a second open of a held workdir is refused with one line, also for
+    a process holding only a shared lock (a reader), and the workdir opens again once closed."""
+    import fcntl
+
+    from resnet_jax.config import get_base_config
+    from resnet_jax.errors import UserError
+    from resnet_jax.workdir import LOCK_FILE, Workdir
+
+    config = get_base_config().to_dict()
+    first = Workdir(tmp_path)
+    first.open(config, write=False)
+    with pytest.raises(UserError, match="is in use by another live run"):
+        Workdir(tmp_path).open(config, write=False)
+    first.close()
+    with open(tmp_path / LOCK_FILE) as reader:
+        fcntl.flock(reader, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="is in use by another live run"):
+            Workdir(tmp_path).open(config, write=False)
+    again = Workdir(tmp_path)
+    again.open(config, write=False)
+    again.close()
+
+
 def test_resuming_compares_the_identity_keys_with_their_defaults(tmp_path):
     """A run recorded before newer keys existed (its config.json lacks them) resumes with a
     config that has them at their defaults; a changed identity key (trainable: another optimizer
@@ -468,6 +494,8 @@ def test_resuming_compares_the_identity_keys_with_their_defaults(tmp_path):
         Workdir(tmp_path).open({**config, "model": {**config["model"], "space_to_depth_stem": True}}, write=False)
     with pytest.raises(UserError, match=r"\(optimizer differ\)"):  # (SGD's and LARS's states differ)
         Workdir(tmp_path).open({**config, "optimizer": "lars"}, write=False)
+    with pytest.raises(UserError, match=r"\(dataset.name differ\)"):  # the same shapes, another dataset
+        Workdir(tmp_path).open({**config, "dataset": {**config["dataset"], "name": "cifar100"}}, write=False)
     # Other settings may change; open reports them (the trainer warns and keeps their history).
     wd = Workdir(tmp_path)
     wd.open({**config, "batch_size": 64, "progress_bar": False}, write=False)

@@ -185,3 +185,9 @@ def test_jaxpr_macs_primitives():
         return jax.lax.cond(p, lambda: (a @ b) @ b.T, lambda: a @ jnp.ones((5, 5)))
 
     assert jaxpr_macs(jax.make_jaxpr(branch)(True, a, b)) == 4 * 5 * 7 + 4 * 7 * 5
+
+
+def test_macs_are_per_image_whatever_the_traced_batch():
+    """count_macs traces a batch and divides by it: the same figure at batch 1 and batch 4."""
+    model = abstract_model("cifar_resnet20", num_classes=10)
+    assert count_macs(model, 32, batch_size=4) == count_macs(model, 32, batch_size=1) > 0

@@ -398,3 +398,17 @@ def test_train_top1_is_the_argmax_accuracy_of_the_steps_logits():
     _, metrics = trainer.train_step(state, next(batches))
     batches.close()
     assert float(metrics["train/top1_acc"]) == pytest.approx(6 / 8)
+
+
+def test_batches_split_over_the_data_axis_and_shard_params_splits_the_largest_axis():
+    """The Trainer's batches are split over the mesh's ``data`` axis (each device a slice of the
+    global batch); with shard_params a parameter is split along its largest divisible axis and
+    is replicated when none divides, and without it every parameter is replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    trainer = tiny_trainer()
+    assert trainer.batch_sharding.spec == P("data") and trainer.replicated.spec == P()
+    mesh = trainer.mesh
+    assert train.param_sharding(mesh, (3, 3, 16, 64), True).spec == P(None, None, None, "data")
+    assert train.param_sharding(mesh, (3, 3, 16, 64), False).spec == P()
+    assert train.param_sharding(mesh, (), True).spec == P()
