@@ -171,6 +171,12 @@ def test_gradient_norms_in_network_order(images):
     assert all(np.isfinite(v) and v > 0 for _, v in norms)
     assert sum(gradient_flow.is_main_path(n) for n in names) == 14  # the depth of cifar_resnet14
 
+    # Two scanned blocks a stage (cifar_resnet20): block by block, each its own gradient.
+    deeper = gradient_flow.gradient_norms(tiny("cifar_resnet20", scan_blocks=True, zero_init_last_bn=False), batch)
+    scanned = [(n, v) for n, v in deeper if n.startswith("stages.1.scanned.")]
+    assert [n for n, _ in scanned] == [f"stages.1.scanned.conv{c}.kernel[{k}]" for k in (0, 1) for c in (1, 2)]
+    assert scanned[0][1] != scanned[2][1] and scanned[1][1] != scanned[3][1]
+
     # Behind a zero-initialised last BN the whole branch gets no gradient; projections and fc do.
     zero = dict(gradient_flow.gradient_norms(tiny("cifar_resnet14", shortcut="B", scan_blocks=True), batch))
     assert zero["stages.1.scanned.conv1.kernel[0]"] == 0.0 and zero["stages.0.blocks.0.conv2.kernel"] == 0.0
@@ -690,3 +696,17 @@ def test_an_output_under_a_file_is_refused_before_any_work(fake_runs, tmp_path, 
     assert curves.main(["--runs", str(runs[0]), "--out", str(out)]) == 2
     assert f"{tmp_path / 'afile'} is a file, not a directory; choose another path" in one_line_error(capsys)
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_eval_images_stop_at_the_split_without_its_padding():
+    """Asked for more images than the eval split holds (digits: 360), eval_images returns the
+    split, each image once: the rows that pad the last batch are not data."""
+    from resnet_jax.analysis.common import eval_images
+
+    cfg = get_base_config().dataset
+    cfg.name = "digits"
+    images, labels = eval_images(cfg, num_images=1000, batch_size=128)
+    assert images.shape[0] == labels.shape[0] == 360
+    assert len({im.tobytes() for im in images}) > 300  # not example 0 repeated
+    first, _ = eval_images(cfg, num_images=5, batch_size=128)
+    np.testing.assert_array_equal(first, images[:5])

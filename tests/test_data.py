@@ -212,6 +212,9 @@ def test_synthetic_batches():
     assert batch["image"].shape == (8, 16, 16, 3) and batch["label"].shape == (8,)
     assert batch["image"].sharding == sharding and batch["label"].dtype == np.int32
     assert batch["image"].dtype == np.uint8
+    few = dataset_cfg(name="synthetic", image_size=4, num_classes=3)  # every class is drawn, none other
+    assert set(np.asarray(data.synthetic_global_batch(few, 64, sharding, seed=0)["label"])) == {0, 1, 2}
+    assert set(next(data.train_batches(few, global_batch_size=64, seed=0))["label"]) == {0, 1, 2}
     # What the model sees: about [-2, 2], like normalised pixels.
     x = np.asarray(data.model_input(batch["image"], info.pixels))
     assert x.dtype == np.float32 and -2.01 < x.min() < -1.5 and 1.5 < x.max() < 2.01

@@ -351,6 +351,19 @@ def test_demo_writes_figure_and_tables(tmp_path):
         assert cfg["model"]["name"] == name and cfg["dataset"]["name"] == "digits" and cfg["num_steps"] == 2
 
 
+def test_demo_training_error_is_the_last_epochs_mean(tmp_path):
+    """The demo's training error is 1 - the mean train/top1_acc of the rows of the last epoch
+    (paper 1's Fig. 6 plots a smoothed training error), not the last row's; its test error is
+    the last eval's, with that eval's step."""
+    from resnet_jax import demo
+
+    rows = [{"step": s, "train/top1_acc": a} for s, a in zip(range(1, 7), (0.1, 0.2, 0.3, 0.4, 0.5, 0.9))]
+    rows += [{"step": 3, "eval/top1_acc": 0.25}, {"step": 6, "eval/top1_acc": 0.75}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = demo.summarize(tmp_path, steps_per_epoch=3)
+    assert got == {"steps": 6, "train_top1_err": pytest.approx(0.4), "test_top1_err": pytest.approx(0.25)}
+
+
 def test_demo_refuses_a_longer_run_in_its_workdir(tmp_path):
     """A workdir holding a longer demo (here a fabricated checkpoint step 8, as --num_steps=8 leaves)
     is refused at --num_steps=4 with a one-line error, before anything is trained (before: the

@@ -329,6 +329,10 @@ def test_space_to_depth_stem_is_the_same_network():
     )
     odd = images(33, seed=2)  # the fallback: the direct convolution, so exactly the same
     np.testing.assert_array_equal(compiled(forward, s2d, odd)(s2d, odd), compiled(forward, direct, odd)(direct, odd))
+    wide = jax.random.normal(jax.random.key(4), (BATCH, 32, 33, 3))  # odd in one side only: the fallback too
+    np.testing.assert_array_equal(
+        compiled(forward, s2d, wide)(s2d, wide), compiled(forward, direct, wide)(direct, wide)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

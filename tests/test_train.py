@@ -155,6 +155,24 @@ def test_an_error_on_process_0_stops_every_process(tmp_path, problem):
         assert os.listdir(tmp_path / "checkpoints") == ["5"]  # nothing written
 
 
+def test_a_logged_row_averages_the_steps_since_the_last(single_run, tmp_path):
+    """With log_every_steps=3 the row of step 3 (and of step 6) holds the mean of the per-step
+    train/loss and train/top1_acc of steps 1-3 (4-6), which the reference run logged one by one."""
+    from resnet_jax.cli import experiment_config
+    from resnet_jax.train import train_and_evaluate
+
+    flags = [f for f in SHORT[1:] if not f.startswith("--config.log_every_steps")]
+    config = experiment_config(os.path.join(ROOT, "experiments/digits.py"), *flags, "--config.log_every_steps=3")
+    train_and_evaluate(config, str(tmp_path))
+    every = {r["step"]: r for r in read_metrics(single_run) if "train/loss" in r}
+    rows = {r["step"]: r for r in read_metrics(tmp_path) if "train/loss" in r}
+    assert sorted(rows) == [3, 6]
+    for end in (3, 6):
+        for key in ("train/loss", "train/top1_acc"):
+            want = np.mean([every[s][key] for s in range(end - 2, end + 1)])
+            assert rows[end][key] == pytest.approx(want, rel=1e-4, abs=1e-6), (end, key)
+
+
 def test_one_step_on_imagenet_built_by_tfds(imagenet_data_dir, tmp_path):
     """The real imagenet2012 builder's output (prepared from tiny generated tars) trains a step
     with paper 1's scale and colour augmentation and evaluates; evaluate then tests the step on

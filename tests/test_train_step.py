@@ -30,7 +30,7 @@ guards = pytest.mark.parametrize("guard", GUARDS, ids=["select_fused", "cond_by_
 STOP = {"skip_nonfinite": False, "fuse_below": 2**16}
 
 
-def make_step(tx, guard, compiler_options=None):
+def make_step(tx, guard, compiler_options=None, schedule=None):
     model = create_model("cifar_resnet8", num_classes=NUM_CLASSES, width=4, rngs=nnx.Rngs(0))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)  # as the Trainer keeps them
@@ -45,7 +45,7 @@ def make_step(tx, guard, compiler_options=None):
         train_step,
         graphdef=graphdef,
         tx=tx,
-        schedule=optax.constant_schedule(0.1),
+        schedule=schedule or optax.constant_schedule(0.1),
         num_classes=NUM_CLASSES,
         label_smoothing=0.0,
         **guard,
@@ -115,11 +115,14 @@ def test_a_skipped_step_keeps_the_schedule_at_the_runs_step(guard):
     batch and two good ones, the optimizer's step count is the run's (3), so the rate applied at
     the third step is the schedule's at step 2, as train/lr says."""
     schedule = optax.piecewise_constant_schedule(0.1, {2: 0.1})  # 0.1 at steps 0-1, then 0.01
-    step, state = make_step(optax.sgd(schedule, momentum=0.9), guard)
+    step, state = make_step(optax.sgd(schedule, momentum=0.9), guard, schedule=schedule)
+    lrs = []
     for nan in (True, False, False):
-        state, _ = step(state, batch(nan=nan))
+        state, metrics = step(state, batch(nan=nan))
+        lrs.append(float(metrics["train/lr"]))
     counts = [int(x) for p, x in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0] if "count" in str(p)]
     assert counts == [int(state["step"])] == [3] and int(state["nonfinite"]) == 1
+    assert lrs == pytest.approx([0.1, 0.1, 0.01])  # the schedule at the step taken: 0, 1, 2
 
 
 @guards
