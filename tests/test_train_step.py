@@ -30,14 +30,21 @@ guards = pytest.mark.parametrize("guard", GUARDS, ids=["select_fused", "cond_by_
 STOP = {"skip_nonfinite": False, "fuse_below": 2**16}
 
 
-def make_step(tx, guard, compiler_options=None, schedule=None):
+def tiny_model(eval_mode: bool = False):
+    """A width-4 cifar_resnet8, its graphdef and ``{"params", "batch_stats"}`` as pure dicts (as the
+    Trainer keeps them)."""
     model = create_model("cifar_resnet8", num_classes=NUM_CLASSES, width=4, rngs=nnx.Rngs(0))
+    if eval_mode:
+        model.eval()
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)  # as the Trainer keeps them
+    return model, graphdef, {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
+
+
+def make_step(tx, guard, compiler_options=None, schedule=None):
+    _, graphdef, weights = tiny_model()
     state = {
-        "params": params,
-        "batch_stats": batch_stats,
-        "opt_state": tx.init(params),
+        **weights,
+        "opt_state": tx.init(weights["params"]),
         "step": jnp.zeros((), jnp.int32),
         "nonfinite": jnp.zeros((), jnp.int32),
     }
@@ -255,25 +262,39 @@ def tiny_trainer(num_examples: int | None = None, label_smoothing: float = 0.0) 
     return train.Trainer.for_config(config)
 
 
+def first_batch_by_hand(trainer: train.Trainer):
+    """The Trainer's initial state, its first training batch, and that batch's train-mode logits
+    computed outside the step, from the same network and weights."""
+    from resnet_jax import data
+
+    state = trainer.init_state()
+    batch = next(data.train_batches(trainer.config.dataset, global_batch_size=trainer.config.batch_size, seed=0))
+    model = nnx.merge(trainer.graphdef_train, state["params"], state["batch_stats"], copy=True)
+    logits = np.asarray(model(data.model_input(jnp.asarray(batch["image"]), trainer.info.pixels)))
+    return state, batch, logits
+
+
+def one_step_metrics(trainer: train.Trainer, state, batch) -> dict:
+    """The metrics of ``trainer.train_step`` on ``batch``, placed as the training loop places it."""
+    from resnet_jax import data
+
+    batches = data.prefetch(iter([batch]), trainer.batch_sharding)
+    _, metrics = trainer.train_step(state, next(batches))
+    batches.close()
+    return metrics
+
+
 def test_the_trainers_loss_is_the_batch_mean_of_the_configured_cross_entropy():
     """train/loss (the loss the gradient is taken of) is the mean over the global batch of the
     cross-entropy against labels smoothed by config.label_smoothing, computed here by hand from
     the same network in training mode (batch statistics)."""
-    from resnet_jax import data
-
     losses = {}
     for smoothing in (0.0, 0.1):
         trainer = tiny_trainer(num_examples=40, label_smoothing=smoothing)
-        state = trainer.init_state()
-        batch = next(data.train_batches(trainer.config.dataset, global_batch_size=8, seed=0))
-        model = nnx.merge(trainer.graphdef_train, state["params"], state["batch_stats"], copy=True)
-        logits = model(data.model_input(jnp.asarray(batch["image"]), trainer.info.pixels))
+        state, batch, logits = first_batch_by_hand(trainer)
         targets = (1 - smoothing) * jax.nn.one_hot(batch["label"], 10) + smoothing / 10
         want = float(jnp.mean(-jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)))
-        batches = data.prefetch(iter([batch]), trainer.batch_sharding)
-        _, metrics = trainer.train_step(state, next(batches))
-        batches.close()
-        losses[smoothing] = float(metrics["train/loss"])
+        losses[smoothing] = float(one_step_metrics(trainer, state, batch)["train/loss"])
         assert losses[smoothing] == pytest.approx(want, rel=1e-5), smoothing
     assert abs(losses[0.1] - losses[0.0]) > 1e-3
 
@@ -351,21 +372,13 @@ def test_the_initialisation_is_compiled_light_to_the_same_values(monkeypatch):
         trainer.init_state()
 
 
-def _eval_model():
-    model = create_model("cifar_resnet8", num_classes=NUM_CLASSES, width=4, rngs=nnx.Rngs(0))
-    model.eval()
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    state = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
-    return model, graphdef, state
-
-
 @pytest.mark.parametrize("crops", [1, 10])
 def test_eval_step_counts_the_unmasked_rows_top1_top5_and_averages_the_crops_softmax(crops):
     """eval_step's sums, by hand: only rows with mask 1 count (the last batch's padding is masked
     out even where the network predicts its label); top-5 is a hit for a label ranked 5th, not
     6th; multi-crop images are scored by the mean of the crops' softmax (paper 1's 10-crop test),
     not by one crop."""
-    model, graphdef, state = _eval_model()
+    model, graphdef, state = tiny_model(eval_mode=True)
     shape = (4, crops, 8, 8, 3) if crops > 1 else (4, 8, 8, 3)
     images = jax.random.normal(jax.random.key(3), shape) * 2.0
     flat = images.reshape((-1, 8, 8, 3))
@@ -388,25 +401,18 @@ def test_eval_step_counts_the_unmasked_rows_top1_top5_and_averages_the_crops_sof
 def test_train_top1_is_the_argmax_accuracy_of_the_steps_logits():
     """train/top1_acc is the share of the batch whose argmax over the train-mode logits (the
     ones the loss is taken of) is the label; labels chosen so that it is 6 of 8 here."""
-    from resnet_jax import data
-
     trainer = tiny_trainer(num_examples=40)
-    state = trainer.init_state()
-    batch = next(data.train_batches(trainer.config.dataset, global_batch_size=8, seed=0))
-    model = nnx.merge(trainer.graphdef_train, state["params"], state["batch_stats"], copy=True)
-    logits = np.asarray(model(data.model_input(jnp.asarray(batch["image"]), trainer.info.pixels)))
-    top, second = np.argsort(-logits, axis=1)[:, 0], np.argsort(-logits, axis=1)[:, 1]
-    batch["label"] = np.where(np.arange(8) < 6, top, second).astype(batch["label"].dtype)
-    batches = data.prefetch(iter([batch]), trainer.batch_sharding)
-    _, metrics = trainer.train_step(state, next(batches))
-    batches.close()
-    assert float(metrics["train/top1_acc"]) == pytest.approx(6 / 8)
+    state, batch, logits = first_batch_by_hand(trainer)
+    ranked = np.argsort(-logits, axis=1)
+    batch["label"] = np.where(np.arange(8) < 6, ranked[:, 0], ranked[:, 1]).astype(batch["label"].dtype)
+    assert float(one_step_metrics(trainer, state, batch)["train/top1_acc"]) == pytest.approx(6 / 8)
 
 
 def test_batches_split_over_the_data_axis_and_shard_params_splits_the_largest_axis():
     """The Trainer's batches are split over the mesh's ``data`` axis (each device a slice of the
-    global batch); with shard_params a parameter is split along its largest divisible axis and
-    is replicated when none divides, and without it every parameter is replicated."""
+    global batch); with shard_params a parameter is split along its largest divisible axis (a
+    scalar stays replicated), and without it every parameter is replicated. (One device here: the
+    replication of a shape no axis of which divides the device count is not reachable.)"""
     from jax.sharding import PartitionSpec as P
 
     trainer = tiny_trainer()
