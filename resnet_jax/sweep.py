@@ -121,8 +121,11 @@ def check_overrides(runs: list[dict], extra: list[str]) -> dict[str, dict]:
 
 def check_same_settings(workdir: pathlib.Path, expected: dict) -> None:
     """Refuses a run directory whose config.json differs from ``expected`` in a key that changes
-    what the run computes (``config.NON_RESULT_KEYS`` aside; the seed counts)."""
+    what the run computes (``config.NON_RESULT_KEYS`` aside; the seed counts) or that the trainer
+    refuses to change on resume (``model.scan_blocks``: the checkpoints' parameters are stacked or
+    not)."""
     from resnet_jax.config import NON_RESULT_KEYS, flat_settings
+    from resnet_jax.workdir import refused_on_resume
 
     path = workdir / "config.json"
     if not path.is_file():
@@ -133,7 +136,9 @@ def check_same_settings(workdir: pathlib.Path, expected: dict) -> None:
         raise UserError(f"{path} is not readable JSON ({describe(e)}); fix the file or move it away") from None
     new = flat_settings(expected)
     keys = sorted(
-        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and (k == "seed" or k not in NON_RESULT_KEYS)
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k) != new.get(k) and (k == "seed" or k not in NON_RESULT_KEYS or refused_on_resume(k))
     )
     if keys:
         changes = ", ".join(f"{k}: {old.get(k, 'unset')} -> {new.get(k, 'unset')}" for k in keys[:4])

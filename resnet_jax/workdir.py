@@ -41,6 +41,11 @@ def read_run_info(workdir: str | os.PathLike) -> dict:
     return info if isinstance(info, dict) else {}
 
 
+def refused_on_resume(key: str) -> bool:
+    """Whether a change of the flat config ``key`` stops a resume: an identity key or one below it."""
+    return key not in _NOT_IDENTITY and any(key == i or key.startswith(i + ".") for i in IDENTITY_KEYS)
+
+
 def _changes(previous: dict, config_dict: dict) -> tuple[list[str], dict[str, tuple]]:
     """How ``config_dict`` differs from the recorded ``previous``: the identity keys (or keys below
     them) whose values differ, and the other keys worth a warning, ``{key: (old, new)}`` (values
@@ -50,7 +55,7 @@ def _changes(previous: dict, config_dict: dict) -> tuple[list[str], dict[str, tu
 
     old, new = flat_settings(previous), flat_settings(config_dict)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    below = [k for k in changed if k not in _NOT_IDENTITY]
+    below = [k for k in changed if refused_on_resume(k)]
     identity = [i for i in IDENTITY_KEYS if any(k == i or k.startswith(i + ".") for k in below)]
     quiet = NON_RESULT_KEYS - set(_LOUD_NON_RESULT_KEYS)
     # (init_from is not read on resume: the trainer says so)

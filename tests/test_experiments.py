@@ -277,6 +277,15 @@ def test_sweep_refuses_a_run_directory_of_other_settings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sweep.main([str(path), "--root", str(root), "--dry_run"])
     assert 'init_from.path: "/elsewhere" -> null' in capsys.readouterr().err
+    # remat leaves the result and the checkpoints' layout alone; scan_blocks changes the layout, which
+    # the trainer refuses on resume, so the sweep refuses it up front rather than at that run.
+    same_model = {**older, "model": {**old["model"], "remat": not old["model"]["remat"]}}
+    (wd / "config.json").write_text(json.dumps(same_model))
+    assert sweep.main([str(path), "--root", str(root), "--dry_run"]) == 0
+    (wd / "config.json").write_text(json.dumps({**older, "model": {**old["model"], "scan_blocks": True}}))
+    with pytest.raises(SystemExit):
+        sweep.main([str(path), "--root", str(root), "--dry_run"])
+    assert 'model.scan_blocks: true -> "auto"' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
