@@ -16,7 +16,8 @@ from ml_collections import config_dict
 
 
 def get_base_config() -> ml_collections.ConfigDict:
-    """Defaults: the ImageNet recipe of paper 1 (batch 256, lr 0.1, momentum 0.9, wd 1e-4)."""
+    """Defaults: torchvision's ImageNet recipe (batch 256, lr 0.1, momentum 0.9, wd 1e-4, 90 epochs,
+    Inception crops); paper 1's own is ``imagenet_paper_recipe``."""
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
@@ -51,7 +52,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # ImageNet eval crop side (None: image_size); paper 2 tests 224-trained nets on 320 crops.
     c.dataset.eval_image_size = config_dict.placeholder(int)
     # ImageNet training crops: antialiased resize (torchvision's); false: plain bilinear (the Flax
-    # example's), 1.4-1.7x faster host decoding for input-bound runs (benchmarks/RESULTS.md).
+    # example's), 1.6-2.1x faster host decoding for input-bound runs (benchmarks/RESULTS.md 6).
     c.dataset.train_antialias = True
     # ImageNet training augmentation: inception (random-resized crops, 8-100% of the area:
     # torchvision's and the Flax example's) | scale (paper 1: shorter side in [256, 480], random
@@ -97,7 +98,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # the latest N, plus the best by eval top-1
     c.eval_every_epochs = 1.0
     c.log_every_steps = 100
-    c.skip_nonfinite = False  # True: skip steps with a non-finite loss or gradient instead of stopping
+    c.skip_nonfinite = False  # True: skip steps with a non-finite loss, gradient or BN statistic
     # (a little slower: the update waits for the check; see train.train_step)
     c.shard_params = False  # FSDP-style: shard parameters and optimizer state over the data axis
     c.progress_bar = True

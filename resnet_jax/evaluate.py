@@ -24,7 +24,7 @@ from resnet_jax.workdir import load_config_dict, other_size, require_workdir, re
 flags.DEFINE_string("workdir", None, "the training run's --workdir")
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval top-1) or a step number")
 flags.DEFINE_integer("eval_crops", None, "1 (centre crop) or 10 (the paper's 10-crop testing, ImageNet only)")
-flags.DEFINE_integer("eval_image_size", None, "ImageNet: side of the eval crops (default: the run's image size)")
+flags.DEFINE_integer("eval_image_size", None, "ImageNet: side of the eval crops (default: the run's own)")
 
 
 @cli.guarded

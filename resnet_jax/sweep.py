@@ -4,9 +4,10 @@
       [--slurm out.sbatch] [--dry_run] [-- extra train flags, e.g. --config.num_steps=100]
 
 A sweep file defines ``get_sweep()`` returning a list of ``{"name", "config", "overrides"}``
-(``overrides``: a dict of ``--config.key=value`` pairs, optional). Each (run, seed) trains in
-``ROOT/<name>/seed<k>`` with ``--config.seed=k``. A run whose workdir already holds its final
-evaluation and its final checkpoint is skipped, so a sweep can be started again after an
+(``overrides``: optional, ``{config key: value}`` such as ``{"model.shortcut": "B"}``, passed as
+``--config.key=value``). Each (run, seed) trains in ``ROOT/<name>/seed<k>`` with
+``--config.seed=k``. A run whose workdir already holds its final evaluation and its final
+checkpoint is skipped, so a sweep can be started again after an
 interruption (unfinished runs resume from their checkpoints). A run directory that holds a run of
 other settings (the sweep file or its flags changed since) is refused before any run starts, so
 that no result is silently reused or overwritten. A run refused for bad input (exit status 2:
@@ -173,7 +174,7 @@ def expand(runs: list[dict], seeds: int, root: str, extra: list[str]) -> list[tu
 
 
 def finished(workdir: pathlib.Path) -> bool:
-    """True when the run logged an evaluation at its last step."""
+    """True when the run logged an evaluation at its last step and its final checkpoint exists."""
     info_path = workdir / "run_info.json"
     if not info_path.exists():
         return False

@@ -10,7 +10,8 @@ Design: the train state is a pytree of plain dicts ``{"params", "batch_stats", "
 ``train_step(state, batch) -> (state, metrics)`` is jitted once over a ``Mesh`` of all devices with
 the batch split over the ``data`` axis and the state donated. BatchNorm statistics under a
 sharded batch are global (synchronised) unless ``model.bn_group_size`` is set. All randomness of
-the input is a function of (seed, step), so a resumed run continues exactly where it stopped.
+the input is a function of (seed, step) (for the TFDS datasets, of the number of processes too),
+so a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations

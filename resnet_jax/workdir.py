@@ -242,7 +242,8 @@ def result_path(workdir: str | pathlib.Path, step: int, crops: int = 1, image_si
 
 def other_size(dataset: dict, eval_image_size: int | None) -> int | None:
     """``eval_image_size`` when it is not the run's own eval crop side (``result_path`` then names
-    it ``_<N>px``), else None. Only imagenet2012 runs are evaluated at a size; theirs defaults to 224."""
+    it ``_<N>px``), else None. Only imagenet2012 runs are evaluated at a size; theirs defaults to
+    eval_image_size, else image_size, else 224."""
     from resnet_jax.config import IMAGENET_IMAGE_SIZE
 
     own = dataset.get("eval_image_size") or dataset.get("image_size") or IMAGENET_IMAGE_SIZE

@@ -132,7 +132,7 @@ def is_plain(config: dict) -> bool:
 def resolved_shortcut(config: dict) -> str:
     """The shortcut kind a run used: the configured one, or its family's default.
 
-    Imports the model zoo (and so JAX) to read the family defaults from their single source.
+    Reads the family defaults from their single source, ``models.spec`` (plain Python, no JAX).
     """
     model = config.get("model", {})
     if model.get("shortcut"):

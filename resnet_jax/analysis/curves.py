@@ -3,7 +3,7 @@
 Thin lines are training error (``1 - train/top1_acc``, averaged over each logging window of the
 run's ``metrics.jsonl``), bold lines test error (``1 - eval/top1_acc``), both in %. Plain networks
 get the left panel and residual networks the right one, as in the paper; a single kind gets one
-panel. Each run has its own colour, the same for its thin and its bold line.
+panel. Each run has its own colour within its panel, the same for its thin and its bold line.
 
 Usage::
 

@@ -25,7 +25,8 @@ Usage::
       --out grad.png
 
 For a run, the batch at step ``s`` is the training batch of step ``s`` of that run (its seed and
-augmentation), and step 0 is the network its seed initialised.
+augmentation), and step 0 is the network the run started from (its seed's initialisation, or
+its ``init_from`` weights).
 
 Library: ``gradient_norms(model, batch) -> [(layer_path, norm), ...]`` and ``plot_gradient_norms``.
 """

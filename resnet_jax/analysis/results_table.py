@@ -72,8 +72,8 @@ class PaperNumber:
         return f"{self.error:.2f}" + (f" ({self.note})" if self.note else "")
 
 
-# (dataset, zoo model name, shortcut) -> the paper's test error in %. From
-# shared/reference/papers.md.
+# (dataset, zoo model name, shortcut) -> the paper's test error in %, from the papers' tables (paper
+# 1: Tables 2, 3 and 6; paper 2: Table 1 and its pre-activation CIFAR and ImageNet results).
 PAPER: dict[tuple[str, str, str], PaperNumber] = {
     # Paper 1, Table 6 (CIFAR-10, option A).
     ("cifar10", "cifar_resnet20", "A"): PaperNumber(8.75),

@@ -72,8 +72,7 @@ def get_info(dataset_cfg: Any) -> DatasetInfo:
     For a TFDS dataset this prepares it if needed (downloads CIFAR; builds ImageNet from the tars).
 
     Args:
-        dataset_cfg: ``config.dataset`` (keys: name, data_dir, manual_dir, validation_split,
-            image_size, num_classes, num_examples, eval_crops).
+        dataset_cfg: ``config.dataset`` (its keys and their meaning: ``resnet_jax.config``).
 
     Returns:
         The ``DatasetInfo``: name, classes, training image shape and split sizes.

@@ -104,8 +104,8 @@ def imagenet_train(
         seed: int64 [2] per-example seed.
         size: Output side.
         antialias: Antialiased resize of the crop (torchvision's ``RandomResizedCrop`` default).
-            False is the Flax ImageNet example's plain bilinear resize: measured 1.4-1.7x the
-            images per second on 16 cores (benchmarks/RESULTS.md), for input-bound runs.
+            False is the Flax ImageNet example's plain bilinear resize: measured 1.6-2.1x the
+            images per second on 1-2 cores (benchmarks/RESULTS.md 6), for input-bound runs.
         lighting_std: Standard deviation of the PCA weights (0: none).
 
     Returns:

@@ -200,10 +200,10 @@ class ResNet(nnx.Module):
     def block_outputs(self, x: jax.Array) -> tuple[jax.Array, list[dict]]:
         """Logits and, for every block in order, ``{"residual", "shortcut", "responses", "output"}``.
 
-        ``residual`` is the branch output after its last BN and before the addition;
-        ``shortcut`` is ``None`` in a plain network; ``responses`` is a tuple with one response per
-        convolution of the branch (after its BN, before the ReLU or the addition; see
-        ``resnet_jax.models.blocks``), the last being ``residual``; ``output`` is what the block
+        ``residual`` is the branch output before the addition (after its last BN; in pre-activation
+        blocks, its last conv); ``shortcut`` is ``None`` in a plain network; ``responses`` is a tuple
+        with one response per convolution of the branch (after its BN, before the ReLU or the
+        addition; see ``resnet_jax.models.blocks``), the last being ``residual``; ``output`` is what the block
         passes on (after the addition and, post-activation, the ReLU). Works under jit and for
         scanned stages. ``conv_responses`` adds the stem's and flattens them (paper 1, Fig. 7).
         """

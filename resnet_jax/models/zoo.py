@@ -28,7 +28,7 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> R
         ``bn_group_size`` (images per BN statistics group in training; None = whole batch),
         ``gate_bias_init`` (gating kinds), ``scan_blocks`` ('auto' | True | False), ``remat``,
         ``space_to_depth_stem`` (the ImageNet stem's convolution computed in a layout faster on
-        GPUs; the same function and parameters; images of even size).
+        GPUs; the same function and parameters; an odd image size falls back to the plain conv).
         ``None`` means the default.
 
     Returns:
