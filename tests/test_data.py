@@ -7,6 +7,7 @@ is prepared by TFDS's real builder from tiny fake tars (the ``imagenet_data_dir`
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import subprocess
@@ -272,14 +273,86 @@ def test_to_global_and_prefetch():
         next(source)
 
 
-def test_exit_waits_for_the_prefetcher_to_close_its_source(tmp_path):
+def _counting_source(pulled: list, closed: threading.Event | None = None):
+    """An infinite source of tiny batches that appends to ``pulled`` per batch read and sets
+    ``closed`` when it is closed."""
+    try:
+        while True:
+            pulled.append(1)
+            yield {"image": np.zeros((2, 4), np.float32)}
+    finally:
+        if closed is not None:
+            closed.set()
+
+
+def _prefetched_count(pulled: list, settled_at: int) -> int:
+    """How many batches the producer has read once it reaches ``settled_at`` (polled, for a busy
+    machine) and has had time to read more if it were not held back."""
+    deadline = time.monotonic() + 20
+    while len(pulled) < settled_at and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
+    return len(pulled)
+
+
+def test_prefetch_reads_ahead_size_batches_and_no_more():
+    """Device memory is bounded: with ``size`` batches waiting, the producer holds one more (blocked
+    in its put) and reads no further, however long the consumer takes. The default is 2."""
+    sharding = NamedSharding(jax.make_mesh((1,), ("data",)), P("data"))
+    for size in (1, 3, None):
+        pulled: list = []
+        stream = data.prefetch(_counting_source(pulled), sharding, **({} if size is None else {"size": size}))
+        next(stream)
+        ahead = (size or 2) + 2  # the one handed out, `size` waiting, one in the producer's hands
+        assert _prefetched_count(pulled, ahead) == ahead, size
+        stream.close()
+    for size in (0, -1):
+        with pytest.raises(ValueError, match=rf"prefetch size must be >= 1, got {size}"):
+            data.prefetch(iter([]), sharding, size=size)
+
+
+def test_a_prefetcher_dropped_unstarted_stops_and_closes_its_source():
+    """Dropped before its first batch was asked for (no ``finally`` of the consumer ever runs), a
+    prefetcher still stops its thread, which closes the source."""
+    sharding = NamedSharding(jax.make_mesh((1,), ("data",)), P("data"))
+    pulled, closed = [], threading.Event()
+    stream = data.prefetch(_counting_source(pulled, closed), sharding)
+    _prefetched_count(pulled, 3)  # the queue is full: the producer waits in its put
+    del stream
+    gc.collect()
+    assert closed.wait(10), "the producer kept running after its consumer was dropped"
+    deadline = time.monotonic() + 10
+    while any(t.name == "resnet_jax-prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "resnet_jax-prefetch" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("how", ["closed_and_left_open", "dropped_unstarted"])
+def test_exit_waits_for_the_prefetcher_to_close_its_source(tmp_path, how):
     """A process that exits right after closing a prefetcher still lets the producer thread finish
     closing its source (a slow tf.data iterator's close, here a sleep): the exit hook waits for it.
-    Killing a thread inside TensorFlow's C++ at exit aborts the process (seen on a GPU machine)."""
+    Killing a thread inside TensorFlow's C++ at exit aborts the process (seen on a GPU machine).
+    The same for one dropped before it was started: only the exit hook's own wait holds the exit."""
     done = tmp_path / "closed"
+    use = {
+        "closed_and_left_open": """
+        batches = data.prefetch(source(), sharding)
+        next(batches)
+        batches.close()
+        # One left open (a caller that stops iterating and exits): the exit hook closes it.
+        left_open = data.prefetch(source(), sharding)
+        next(left_open)
+        """,
+        "dropped_unstarted": """
+        dropped = data.prefetch(source(), sharding)
+        time.sleep(0.3)
+        del dropped  # never started: no consumer joins the thread
+        gc.collect()
+        """,
+    }[how]
     code = textwrap.dedent(
         f"""
-        import time
+        import gc, time
         import jax
         import numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
@@ -294,14 +367,8 @@ def test_exit_waits_for_the_prefetcher_to_close_its_source(tmp_path):
                 open({str(done)!r}, "w").write("ok")
 
         sharding = NamedSharding(jax.make_mesh((1,), ("data",)), P("data"))
-        batches = data.prefetch(source(), sharding)
-        next(batches)
-        batches.close()
-        # One left open (a caller that stops iterating and exits): the exit hook closes it.
-        left_open = data.prefetch(source(), sharding)
-        next(left_open)
         """
-    )
+    ) + textwrap.dedent(use)
     env = user_env()
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
@@ -987,6 +1054,24 @@ def test_prepare_command_builds_imagenet_once(tmp_path):
         bad = prepare(*args)
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and "Traceback" not in bad.stderr and needle in lines[-1], bad.stderr[-3000:]
+
+
+def test_prepare_takes_every_tfds_dataset_and_the_errors_quote_its_exact_command(capsys):
+    """Every TFDS dataset the trainer reads can be prepared on its own, and the command that the
+    trainer's errors quote is the whole one: data_dir, and the tars' directory for ImageNet only."""
+    from resnet_jax import prepare
+    from resnet_jax.data import tfds_datasets
+
+    assert set(prepare.TFDS_DATASETS) == set(tfds_datasets._SPECS)
+    assert prepare.command("cifar100") == "python -m resnet_jax.prepare cifar100"
+    assert prepare.command("cifar10", "/d") == "python -m resnet_jax.prepare cifar10 --data_dir=/d"
+    assert prepare.command("imagenet2012", "/d") == (
+        "python -m resnet_jax.prepare imagenet2012 --data_dir=/d --manual_dir=DIR_OF_THE_TARS"
+    )
+    with pytest.raises(SystemExit) as e:  # cifar100 is a choice: refused for the flag, not the name
+        prepare.main(["cifar100", "--manual_dir=/x"])
+    assert e.value.code == 2
+    assert "--manual_dir is for imagenet2012 (its tars), not cifar100" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("process_count, global_batch_size", [(2, 2), (3, 3)])
