@@ -366,6 +366,7 @@ def run_without_jax(tmp_path: pathlib.Path, argv: list[str], **env_vars: str) ->
         ("not_a_run", ["config.json not found", "of a training run"]),
         ("garbage_checkpoint", ["--checkpoint='banana'", "'latest', 'best'"]),
         ("eval_image_size_on_cifar", ["--eval_image_size=320", "for an imagenet2012 run", "cifar10"]),
+        ("zero_eval_image_size", ["--eval_image_size=0", "give a positive size"]),
     ],
 )
 def test_evaluate_errors_come_before_jax_is_imported(tmp_path, case, needles):
@@ -375,11 +376,13 @@ def test_evaluate_errors_come_before_jax_is_imported(tmp_path, case, needles):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     if case != "not_a_run":
-        run_config = {"model": {"name": "cifar_resnet8"}, "dataset": {"name": "cifar10"}}
+        dataset = "imagenet2012" if case == "zero_eval_image_size" else "cifar10"  # a size is for ImageNet
+        run_config = {"model": {"name": "cifar_resnet8"}, "dataset": {"name": dataset}}
         (run_dir / "config.json").write_text(json.dumps(run_config))
     workdir = tmp_path / "nowhere" if case == "missing_workdir" else run_dir
     checkpoint = "banana" if case == "garbage_checkpoint" else "latest"
-    extra = ["--eval_image_size=320"] if case == "eval_image_size_on_cifar" else []
+    extra = {"eval_image_size_on_cifar": ["--eval_image_size=320"], "zero_eval_image_size": ["--eval_image_size=0"]}
+    extra = extra.get(case, [])
     argv = ["-m", "resnet_jax.evaluate", f"--workdir={workdir}", f"--checkpoint={checkpoint}", *extra]
     p = run_without_jax(tmp_path, argv)
     assert_one_line_error(p, *needles, max_lines=1)
@@ -414,6 +417,9 @@ def test_xla_flags_problem_accepts_flags_and_a_flag_file(tmp_path):
     assert xla_flags_problem(" --xla_a=1  --xla_b=2 ") is None
     assert xla_flags_problem(str(flag_file)) is None  # XLA's flag-file form
     assert "'missing.flags' is not an XLA flag" in xla_flags_problem("missing.flags")
+    assert xla_flags_problem(str(tmp_path)) is not None  # a directory is no flag file
+    # The first word after which XLA drops the flags is the one named.
+    assert "'typo' is not an XLA flag" in xla_flags_problem("--xla_a=1 typo other --xla_b=2")
     # --xla_flags is appended to XLA_FLAGS, where a file name would no longer be read as one.
     assert f"{str(flag_file)!r} is not an XLA flag" in xla_flags_problem(str(flag_file), "--xla_flags", flag_file=False)
 

@@ -80,6 +80,13 @@ def test_end_to_end_and_evaluate(single_run):
         assert out[key] == pytest.approx(final[key], rel=1e-5, abs=1e-6)
     p = run_cli("resnet_jax.evaluate", f"--workdir={wd}", "--checkpoint=best")
     assert p.returncode == 0 and json.loads(p.stdout.strip().splitlines()[-1])["step"] == 6
+    # A step by number (the run evaluated only its last): that checkpoint's own numbers, in a
+    # result file of its own.
+    p = run_cli("resnet_jax.evaluate", f"--workdir={wd}", "--checkpoint=3")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["step"] == 3 and json.loads((wd / "eval_3.json").read_text()) == out
+    assert abs(out["eval/loss"] - final["eval/loss"]) > 1e-6  # three steps less trained
 
 
 def test_eight_devices_match_one(single_run, tmp_path):
@@ -203,6 +210,21 @@ def test_one_step_on_imagenet_built_by_tfds(imagenet_data_dir, tmp_path):
     result = json.loads((tmp_path / "eval_1_48px.json").read_text())
     assert result["step"] == 1 and np.isfinite(result["eval/loss"]) and not (tmp_path / "eval_1.json").exists()
     assert abs(result["eval/loss"] - final["eval/loss"]) > 1e-6  # tested on 48px crops, not the run's 32px
+
+    def evaluate(*flags):
+        argv = [sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={tmp_path}", *flags]
+        p = subprocess.run(argv, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return sorted(f for f in os.listdir(tmp_path) if f.startswith("eval_"))
+
+    # Each protocol's result has its own file, so that none replaces another's: the run's own size
+    # is no other size, 10 crops are named so, and a run configured for 10-crop testing tests so.
+    assert evaluate("--eval_image_size=32", "--eval_crops=10") == ["eval_1_10crop.json", "eval_1_48px.json"]
+    (tmp_path / "eval_1_10crop.json").unlink()
+    run_config = json.loads((tmp_path / "config.json").read_text())
+    run_config["dataset"]["eval_crops"] = 10
+    (tmp_path / "config.json").write_text(json.dumps(run_config))
+    assert evaluate() == ["eval_1_10crop.json", "eval_1_48px.json"]
     # The run's own side is no other size: 224 when image_size is unset, as in every ImageNet config.
     from resnet_jax.workdir import other_size
 
