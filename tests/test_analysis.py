@@ -420,6 +420,20 @@ def test_results_table_uses_ten_crop_results_for_imagenet(tmp_path, capsys):
     assert "eval_400_10crop.json is not an evaluate result" in one_line_error(capsys)
 
 
+def test_other_size_results_of_a_step_come_smallest_size_first(tmp_path):
+    """(step, error %, views, size) per sized result of that step only, by size then views."""
+    for name, acc in (
+        ("eval_4_320px", 0.7),
+        ("eval_4_10crop_256px", 0.8),
+        ("eval_4_256px", 0.75),
+        ("eval_40_128px", 0.1),
+    ):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"eval/top1_acc": acc}))
+    got = results_table.other_size_results(tmp_path, 4)
+    assert [r[2:] for r in got] == [(1, 256), (10, 256), (1, 320)]
+    assert [r[0] for r in got] == [4, 4, 4] and got[0][1] == pytest.approx(25.0)
+
+
 def test_results_table_shows_other_test_sizes_as_their_own_rows(tmp_path, capsys):
     """Paper 2 tests its ResNet-200s on 320 crops: evaluate --eval_image_size=320 writes
     eval_<step>_320px.json, a row of its own with the size in a "test size" column, and only that

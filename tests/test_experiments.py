@@ -371,6 +371,34 @@ def test_demo_training_error_is_the_last_epochs_mean(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = demo.summarize(tmp_path, steps_per_epoch=3)
     assert got == {"steps": 6, "train_top1_err": pytest.approx(0.4), "test_top1_err": pytest.approx(0.25)}
+    # A step trained after the last eval (a run stopped early): the steps are still the eval's.
+    rows.append({"step": 7, "train/top1_acc": 0.4})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = demo.summarize(tmp_path, steps_per_epoch=3)  # steps 5, 6 and 7: (0.5 + 0.9 + 0.4) / 3
+    assert got == {"steps": 6, "train_top1_err": pytest.approx(0.4), "test_top1_err": pytest.approx(0.25)}
+
+
+def test_run_demo_averages_each_run_over_its_own_epoch(tmp_path, monkeypatch):
+    """run_demo hands summarize the config's steps per epoch (12 for digits at batch 128), not a
+    row or the whole run: a stand-in trainer logs 60 steps, right on the 11 before the last."""
+    from resnet_jax import demo, train
+    from resnet_jax.data import get_info
+    from resnet_jax.schedules import Durations
+
+    def fake_train(config, workdir):
+        wd = pathlib.Path(workdir)
+        wd.mkdir(parents=True, exist_ok=True)
+        n = config.num_steps
+        rows = [{"step": s, "train/top1_acc": 1.0 if n - 12 < s < n else 0.0} for s in range(1, n + 1)]
+        rows.append({"step": n, "eval/top1_acc": 0.5})
+        (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(demo, "plot", lambda out, runs: None)
+    config = demo.demo_config("cifar_resnet8", 60)
+    assert Durations.from_config(config, get_info(config.dataset).num_train).steps_per_epoch == 12
+    results = demo.run_demo(str(tmp_path), num_steps=60, models=["cifar_resnet8"])
+    assert results["cifar_resnet8"]["train_top1_err"] == pytest.approx(1 / 12)  # 11 of 12 right
 
 
 def test_demo_refuses_a_longer_run_in_its_workdir(tmp_path):
