@@ -29,7 +29,7 @@ def read_metrics(workdir) -> list[dict]:
             row = json.loads(line)
         except ValueError:
             row = None
-        if isinstance(row, dict) and "step" in row:
+        if isinstance(row, dict) and type(row.get("step")) is int:  # (a bool or "2" is no step)
             rows.append(row)
         else:
             logging.getLogger("resnet_jax").warning(

@@ -8,6 +8,7 @@ import hashlib
 import os
 import pathlib
 import subprocess
+from collections.abc import Iterator
 
 # tests/conftest.py adds these flags to XLA_FLAGS for the in-process tests (compile time); the
 # subprocesses drop them, so that they compile as a user's process does.
@@ -64,3 +65,16 @@ def tree(path: pathlib.Path) -> dict[str, tuple]:
     """Every file and directory under ``path`` (a directory's entry: None)."""
     files = snapshot(path)
     return {str(p.relative_to(path)): files.get(str(p.relative_to(path))) for p in sorted(path.rglob("*"))}
+
+
+def tensorboard_events(wd) -> Iterator:
+    """The Events of ``wd``'s TensorBoard event files, in file order, read as TFRecords (8-byte
+    length, 4-byte CRC, the Event, 4-byte CRC) without TensorFlow."""
+    from tensorboardX.proto import event_pb2
+
+    for path in sorted(pathlib.Path(wd).glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i + 12 <= len(data):
+            n = int.from_bytes(data[i : i + 8], "little")
+            yield event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4

@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from cli_env import env_for
+from cli_env import env_for, tensorboard_events
 
 from resnet_jax.logbook import read_metrics
 
@@ -537,20 +537,11 @@ T.main(sys.argv)
 
 
 def tensorboard_purges(wd) -> list[int]:
-    """The purge steps (SessionLog START events) of ``wd``'s TensorBoard event files, read as
-    TFRecords (8-byte length, 4-byte CRC, the Event, 4-byte CRC) without TensorFlow."""
+    """The purge steps (SessionLog START events) of ``wd``'s TensorBoard event files."""
     from tensorboardX.proto import event_pb2
 
-    steps = []
-    for path in sorted(pathlib.Path(wd).glob("events.out.tfevents.*")):
-        data, i = path.read_bytes(), 0
-        while i + 12 <= len(data):
-            n = int.from_bytes(data[i : i + 8], "little")
-            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
-            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-                steps.append(event.step)
-            i += 12 + n + 4
-    return steps
+    start = event_pb2.SessionLog.START
+    return [e.step for e in tensorboard_events(wd) if e.HasField("session_log") and e.session_log.status == start]
 
 
 def test_a_preemption_at_an_eval_step_loses_no_eval(tmp_path, jax_cache):
