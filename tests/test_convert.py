@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_jax.convert import load_converted, load_torchvision
+from resnet_jax.convert import load_converted, load_torchvision, read_pth
 from resnet_jax.convert import main as convert_main
 from resnet_jax.errors import UserError
 from resnet_jax.models import create_model
@@ -246,3 +246,17 @@ def test_cli_without_torch(tmp_path):
     pth.write_bytes(b"x")
     result = _run_cli("--model", "resnet18", "--pth", str(pth), "--out", str(tmp_path / "o"), code=code)
     _assert_one_line_error(result, "needs torch")
+
+
+def test_read_pth_unwraps_a_training_checkpoint_and_reads_the_legacy_format(torch, tmp_path):
+    """A training script's ``{"model": state_dict, "epoch": ...}`` is unwrapped, and torch.save's
+    pre-1.6 format (a bare pickle, first byte 0x80, not a zip) is read as a PyTorch file too."""
+    sd = {"fc.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "fc.bias": torch.ones(2)}
+    torch.save({"model": sd, "epoch": 3}, tmp_path / "ckpt.pth")
+    got = read_pth(tmp_path / "ckpt.pth")
+    assert set(got) == {"fc.weight", "fc.bias"}
+    np.testing.assert_array_equal(got["fc.weight"].numpy(), sd["fc.weight"].numpy())
+    legacy = tmp_path / "legacy.pth"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
+    assert legacy.read_bytes()[:1] == b"\x80"
+    np.testing.assert_array_equal(read_pth(legacy)["fc.bias"].numpy(), np.ones(2, np.float32))

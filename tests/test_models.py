@@ -681,6 +681,16 @@ def _normalise(x, eps=1e-5):
     return (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + eps)
 
 
+def test_batchnorm_of_a_constant_channel_is_finite():
+    """E[x^2] - E[x]^2 of a constant channel of large values rounds below zero in float32 (about
+    -0.06 for 123.4, more than epsilon): the variance is clamped at zero, so no NaN comes out."""
+    bn = BatchNorm(2)
+    for value in (7.7, 123.4, 1000.1):
+        y = np.asarray(bn(jnp.full((8, 4, 4, 2), value, jnp.float32)))
+        var = np.asarray(bn.var[...])
+        assert np.isfinite(y).all() and np.isfinite(var).all() and (var >= 0).all(), value
+
+
 def test_batchnorm_groups():
     """Train mode with group_size=g normalises each group of g images with its own statistics; the
     model-level bn_group_size=2 equals running the model on each pair of images separately."""

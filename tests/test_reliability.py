@@ -582,12 +582,14 @@ def test_a_preemption_at_an_eval_step_loses_no_eval(tmp_path, jax_cache):
 
 
 @pytest.mark.parametrize(
-    "error, damaged", [("RESOURCE_EXHAUSTED: Out of memory allocating 8.0G", False), ("Truncated stream", True)]
+    "error, damaged",
+    [("RESOURCE_EXHAUSTED: Out of memory allocating 8.0G", False), ("Truncated stream", True), ("Truncated", "all")],
 )
 def test_a_full_device_or_a_storage_hiccup_sets_no_checkpoint_aside(tmp_path, monkeypatch, error, damaged):
     """A newest step that fails to restore for want of memory (or an unavailable storage) stops
     the start with one line and moves nothing; one whose files fail is set aside and the previous
-    step resumes (the damaged checkpoints above)."""
+    step resumes (the damaged checkpoints above). When no step restores, the line names the
+    newest step's problem (the one a resume wanted) and nothing is moved either."""
     import orbax.checkpoint as ocp
 
     from resnet_jax.checkpointing import Checkpointer
@@ -600,14 +602,18 @@ def test_a_full_device_or_a_storage_hiccup_sets_no_checkpoint_aside(tmp_path, mo
     restore = Checkpointer.restore
 
     def failing(self, step, abstract_state):
-        if step == 2:
-            raise RuntimeError(error)
+        if step == 2 or damaged == "all":
+            raise RuntimeError(f"{error} in step {step}")
         return restore(self, step, abstract_state)
 
     monkeypatch.setattr(Checkpointer, "restore", failing)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, jax.device_put(state))
     try:
-        if damaged:
+        if damaged == "all":
+            with pytest.raises(UserError, match=r"\(the latest, \S*/checkpoints/2: Truncated in step 2\)"):
+                ckpt.restore_latest(abstract)
+            assert complete_steps(tmp_path) == [1, 2] and not (tmp_path / "checkpoints-damaged").exists()
+        elif damaged:
             restored, step = ckpt.restore_latest(abstract)
             assert step == 1 and np.array_equal(restored["w"], state["w"])
             assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints-damaged").iterdir()] == ["2"]
@@ -636,3 +642,9 @@ def test_best_is_the_highest_eval_top1_and_survives_the_retention(tmp_path):
     assert resolve_step(tmp_path, 4) == 4
     with pytest.raises(UserError, match=r"no checkpoint at step 1; kept steps: \[2, 4, 5\]"):
         resolve_step(tmp_path, "1")
+    # An eval that got every example wrong is still an eval: 'best' is that step.
+    ckpt = Checkpointer(tmp_path / "zero", keep=3, async_save=False)
+    ckpt.save(1, state, metrics={"eval/top1_acc": 0.0}, force=True)
+    ckpt.save(2, state, metrics={}, force=True)
+    ckpt.close()
+    assert resolve_step(tmp_path / "zero", "best") == 1

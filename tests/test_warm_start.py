@@ -360,3 +360,44 @@ def test_a_linear_probe_trains_the_head_only(source):
     ours, theirs = weights(state), weights(saved)
     moved = sorted(n for n in ours if not np.array_equal(ours[n], theirs[n]))
     assert moved == ["fc.bias", "fc.kernel"], moved
+
+
+def test_extra_source_arrays_are_refused_when_the_function_is_unknown(tmp_path):
+    """A source whose recorded model name resolves to nothing (so no function check) but that holds
+    more blocks than the target: its extra arrays are refused, not silently dropped."""
+    model = create_model("cifar_resnet14", num_classes=10, width=4, rngs=nnx.Rngs(0))
+    save_converted(model, tmp_path / "conv", name="someone_elses_net", num_classes=10, options={"width": 4})
+    config = config_for()  # cifar_resnet8: a subset of resnet14's arrays, of the same shapes
+    config.init_from.path = str(tmp_path / "conv")
+    with pytest.raises(UserError, match=r"there has no place here"):
+        start(config)
+
+
+def test_a_source_inside_the_workdir_is_refused(tmp_path):
+    """Not only the workdir itself: a run inside it would be set aside by --fresh as well; a
+    sibling whose name begins the same is fine."""
+    wd = tmp_path / "wd"
+    inside = warm_start.Source(wd / "old" / "run", "run", wd / "old" / "run" / "x", 1, {"name": "cifar_resnet8"})
+    with pytest.raises(UserError, match="is inside --workdir"):
+        warm_start.check_not_set_aside(warm_start.WarmStart(inside, {}, {}, False), wd)
+    sibling = warm_start.Source(tmp_path / "wd2", "run", tmp_path / "wd2" / "x", 1, {"name": "cifar_resnet8"})
+    warm_start.check_not_set_aside(warm_start.WarmStart(sibling, {}, {}, False), wd)
+
+
+def test_the_record_of_a_reset_head_rebuilds_a_fresh_head(source):
+    """A run started with head='reset' from a source of the same classes: its step 0 rebuilt from
+    the record (from_record, as the analyses do) has the fresh head again, not the source's."""
+    _, path = source
+    config = config_for()
+    config.init_from.path, config.init_from.head = str(path), "reset"
+    warm, _, trainer = start(config)
+    assert warm.new_head
+    again = warm_start.from_record(warm.record(), config, trainer.weight_shapes())
+    assert again.new_head and again.record() == warm.record()
+
+
+def test_another_stride_placement_is_refused(tmp_path):
+    """A bottleneck's stride on the 1x1 or on the 3x3 conv: the same shapes, another function."""
+    src = warm_start.Source(tmp_path, "run", tmp_path / "x", 1, {"name": "resnet50", "stride_in": "1x1"})
+    with pytest.raises(UserError, match="stride_in 1x1 there, 3x3 here"):
+        warm_start.plan(src, {"name": "resnet50", "stride_in": "3x3"}, {}, "auto")
