@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -321,6 +322,70 @@ def test_sweep_writes_slurm_array(tmp_path, capsys):
         sweep.main([str(path), "--seeds", "1", "--root", str(tmp_path / "r"), "--slurm", str(out)])
     assert e.value.code == 2 and "exists; choose another --slurm path" in capsys.readouterr().err
     assert out.read_text() == text
+
+
+def test_the_slurm_script_runs_each_command_as_written(tmp_path):
+    """Each array task's srun gets exactly its job's argv, overrides included: paths with spaces
+    survive the bash array and its eval (run here with a stand-in srun that prints its argv)."""
+    runs = [{"name": "a b", "config": "experiments/digits.py", "overrides": {"model.name": "cifar_resnet8"}}]
+    jobs = sweep.expand(runs, 2, str(tmp_path / "root dir"), ["--config.num_steps=3"])
+    assert "--config.model.name=cifar_resnet8" in jobs[1][1]
+    script = tmp_path / "s.sbatch"
+    script.write_text(sweep.slurm_script(jobs, tmp_path / "logs"))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    (fake / "srun").chmod(0o755)
+    for task in (0, 1):
+        env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": str(task)}
+        p = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0 and json.loads(p.stdout) == jobs[task][1], (p.stdout, p.stderr)
+
+
+# A stand-in run: says when it is ready; on SIGTERM writes "saved" and exits 0, as the trainer does.
+_RUN = """import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    out.write_text("saved")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+out.with_suffix(".ready").write_text("")
+time.sleep(30)
+out.write_text("not stopped")
+"""
+# The sweep's side, in a process of its own (so that a SIGTERM it does not handle kills it, not pytest).
+_SWEEP = """import sys
+from resnet_jax import sweep
+print(*sweep.run_job([sys.executable, "-c", sys.argv[1], sys.argv[2]]))
+"""
+
+
+def test_run_job_passes_a_sigterm_to_the_sweep_alone_on_to_its_run(tmp_path):
+    """A SIGTERM to the sweep's process only (scancel of the sweep, a preemption notice; not to its
+    process group, as Ctrl-C is) reaches the running run as SIGTERM: the run saves and exits, and
+    run_job reports the signal."""
+    out = tmp_path / "run.txt"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SWEEP, _RUN, str(out)],
+        cwd=ROOT,
+        env=user_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not out.with_suffix(".ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the sweep process only, not its group
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # a run left behind by a broken run_job
+    assert proc.returncode == 0 and stdout.split() == ["0", str(int(signal.SIGTERM))], (proc.returncode, stdout)
+    assert out.read_text() == "saved"
 
 
 def test_sweep_bad_file(capsys):
