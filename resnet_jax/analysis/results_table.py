@@ -207,9 +207,8 @@ def final_test_error(workdir: str | pathlib.Path, eval_crops: int = 1) -> tuple[
     evals = [r for r in read_metrics(workdir) if "eval/top1_acc" in r]
     if not evals:
         return None
-    bad = next((r for r in evals if not _is_number(r["step"])), None)
-    last = bad or max(evals, key=lambda r: r["step"])
-    if not (_is_number(last["eval/top1_acc"]) and _is_number(last["step"])):
+    last = max(evals, key=lambda r: r["step"])  # (read_metrics keeps only rows with an integer step)
+    if not _is_number(last["eval/top1_acc"]):
         raise UserError(
             f"{pathlib.Path(workdir) / METRICS_FILE}: the last eval row (step {last['step']!r}) has "
             f"eval/top1_acc={last['eval/top1_acc']!r}, not a number; fix or move the run away"
