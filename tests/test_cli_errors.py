@@ -76,7 +76,12 @@ def _train_cases(tmp: pathlib.Path) -> dict[str, tuple]:
     return {
         "unknown_key": (train(*BASE, "--config.nope=1"), 1, ["unknown config key 'nope'", "--config.nope"], 6),
         "typo_key": (train(*BASE, "--config.model.nam=x"), 1, ["'nam'", 'Did you mean "name"'], 6),
-        "wrong_type": (train(*BASE, "--config.batch_size=abc"), 1, ["--config.batch_size=abc", "int"], 6),
+        "wrong_type": (
+            train(*BASE, "--config.batch_size=abc"),
+            1,
+            ["--config.batch_size=abc", "int", "give a value of the key's type"],
+            6,
+        ),
         "missing_config": (
             train(*with_config(files["missing"])),
             1,

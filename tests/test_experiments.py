@@ -526,3 +526,41 @@ def test_experiment_config_builds_what_the_command_line_builds():
         experiment_config("experiments/digits.py", "--config.nope=1")
     with pytest.raises(UserError, match="config.trainable='x'; use one of 'all', 'head'"):
         experiment_config("experiments/digits.py", "--config.trainable=x")
+
+
+@pytest.mark.parametrize(
+    "override, refused",
+    [
+        ("batch_size=1", None),
+        ("keep_checkpoints=1", None),
+        (f"seed={2**31 - 1}", None),
+        (f"seed={2**31}", r"config.seed=2147483648; use an integer in \[0, 2\*\*31\)"),
+        ("trainable=head", None),
+        ("model.bn_group_size=32", None),  # digits trains at batch 128
+        ("model.bn_group_size=256", "bn_group_size=256 does not divide config.batch_size=128"),
+    ],
+)
+def test_run_config_checks_take_the_edges_of_each_range(override, refused):
+    """The checks refuse what no run can use and nothing else: the smallest batch and retention,
+    the largest seed, a linear probe and a BN group that divides the batch are runs."""
+    from resnet_jax.cli import experiment_config
+    from resnet_jax.errors import UserError
+
+    if refused is None:
+        key, value = override.split("=")
+        c = experiment_config("experiments/digits.py", f"--config.{override}")
+        node = c
+        for part in key.split("."):
+            node = node[part]
+        assert str(node) == value
+    else:
+        with pytest.raises(UserError, match=refused):
+            experiment_config("experiments/digits.py", f"--config.{override}")
+
+
+def test_model_options_compute_in_bf16_only_with_half_precision():
+    c = load("digits.py")
+    c.half_precision = True
+    assert model_options(c)["dtype"] == "bfloat16"
+    c.half_precision = False
+    assert model_options(c)["dtype"] == "float32"
