@@ -41,9 +41,16 @@ def read_run_info(workdir: str | os.PathLike) -> dict:
     return info if isinstance(info, dict) else {}
 
 
+def _identity_key(key: str) -> str | None:
+    """The identity key that the flat config ``key`` is or lies below, None if a resume may change it."""
+    if key in _NOT_IDENTITY:
+        return None
+    return next((i for i in IDENTITY_KEYS if key == i or key.startswith(i + ".")), None)
+
+
 def refused_on_resume(key: str) -> bool:
     """Whether a change of the flat config ``key`` stops a resume: an identity key or one below it."""
-    return key not in _NOT_IDENTITY and any(key == i or key.startswith(i + ".") for i in IDENTITY_KEYS)
+    return _identity_key(key) is not None
 
 
 def _changes(previous: dict, config_dict: dict) -> tuple[list[str], dict[str, tuple]]:
@@ -55,8 +62,8 @@ def _changes(previous: dict, config_dict: dict) -> tuple[list[str], dict[str, tu
 
     old, new = flat_settings(previous), flat_settings(config_dict)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    below = [k for k in changed if refused_on_resume(k)]
-    identity = [i for i in IDENTITY_KEYS if any(k == i or k.startswith(i + ".") for k in below)]
+    refused = {_identity_key(k) for k in changed}
+    identity = [i for i in IDENTITY_KEYS if i in refused]
     quiet = NON_RESULT_KEYS - set(_LOUD_NON_RESULT_KEYS)
     # (init_from is not read on resume: the trainer says so)
     loud = [k for k in changed if k not in quiet and not k.startswith("init_from.")]
