@@ -5,6 +5,7 @@ in-process."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import subprocess
@@ -65,6 +66,11 @@ def tree(path: pathlib.Path) -> dict[str, tuple]:
     """Every file and directory under ``path`` (a directory's entry: None)."""
     files = snapshot(path)
     return {str(p.relative_to(path)): files.get(str(p.relative_to(path))) for p in sorted(path.rglob("*"))}
+
+
+def write_metrics(workdir, rows: list[dict]) -> None:
+    """``rows`` as ``workdir``'s metrics.jsonl, one JSON object a line, as the logbook writes them."""
+    (pathlib.Path(workdir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def tensorboard_events(wd) -> Iterator:

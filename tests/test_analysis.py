@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_env import assert_one_line_error, tree, user_env
+from cli_env import assert_one_line_error, tree, user_env, write_metrics
 from flax import nnx
 
 from resnet_jax.analysis import curves, gradient_flow, layer_responses, results_table
@@ -217,7 +217,7 @@ def fake_run(path, model="cifar_resnet20", acc=0.9, seed=0, dataset="cifar10", e
         rows.append({"step": step, "train/loss": 1.0 / step, "train/top1_acc": acc + 0.02, "train/lr": 0.1})
         if evals and step % 200 == 0:
             rows.append({"step": step, "eval/loss": 0.5, "eval/top1_acc": acc - (0.05 if step < 400 else 0.0)})
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_metrics(path, rows)
     return path
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from absl import flags
-from cli_env import user_env
+from cli_env import user_env, write_metrics
 from ml_collections import config_flags
 
 from resnet_jax import sweep
@@ -197,7 +197,7 @@ def test_a_run_is_finished_only_with_its_final_checkpoint_and_final_eval(tmp_pat
 
     def metrics(*eval_steps):
         rows = [{"step": s, "eval/top1_acc": 0.5} for s in eval_steps]
-        (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_metrics(wd, rows)
 
     metrics(4, 8)
     assert sweep.finished(wd)
@@ -433,12 +433,12 @@ def test_demo_training_error_is_the_last_epochs_mean(tmp_path):
 
     rows = [{"step": s, "train/top1_acc": a} for s, a in zip(range(1, 7), (0.1, 0.2, 0.3, 0.4, 0.5, 0.9))]
     rows += [{"step": 3, "eval/top1_acc": 0.25}, {"step": 6, "eval/top1_acc": 0.75}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_metrics(tmp_path, rows)
     got = demo.summarize(tmp_path, steps_per_epoch=3)
     assert got == {"steps": 6, "train_top1_err": pytest.approx(0.4), "test_top1_err": pytest.approx(0.25)}
     # A step trained after the last eval (a run stopped early): the steps are still the eval's.
     rows.append({"step": 7, "train/top1_acc": 0.4})
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_metrics(tmp_path, rows)
     got = demo.summarize(tmp_path, steps_per_epoch=3)  # steps 5, 6 and 7: (0.5 + 0.9 + 0.4) / 3
     assert got == {"steps": 6, "train_top1_err": pytest.approx(0.4), "test_top1_err": pytest.approx(0.25)}
 
@@ -456,7 +456,7 @@ def test_run_demo_averages_each_run_over_its_own_epoch(tmp_path, monkeypatch):
         n = config.num_steps
         rows = [{"step": s, "train/top1_acc": 1.0 if n - 12 < s < n else 0.0} for s in range(1, n + 1)]
         rows.append({"step": n, "eval/top1_acc": 0.5})
-        (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_metrics(wd, rows)
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     monkeypatch.setattr(demo, "plot", lambda out, runs: None)

@@ -3,16 +3,11 @@ the logbook remembers of the evals it wrote."""
 
 from __future__ import annotations
 
-import json
 import logging
 
-from cli_env import tensorboard_events
+from cli_env import tensorboard_events, write_metrics
 
 from resnet_jax.logbook import Logbook, read_metrics
-
-
-def write_rows(wd, rows) -> None:
-    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_a_line_without_an_integer_step_is_no_row_and_a_resume_survives_it(tmp_path, caplog):
@@ -20,7 +15,7 @@ def test_a_line_without_an_integer_step_is_no_row_and_a_resume_survives_it(tmp_p
     line), is skipped with a warning naming its line, and a resume drops it with the later rows
     (before: a Logbook opened on a "2" step stopped with a TypeError traceback)."""
     rows = [{"step": 1, "train/loss": 2.0}, {"train/loss": 1.0}, {"step": "2"}, {"step": True}]
-    write_rows(tmp_path, [*rows, {"step": 2, "train/loss": 0.5}])
+    write_metrics(tmp_path, [*rows, {"step": 2, "train/loss": 0.5}])
     with caplog.at_level(logging.WARNING, logger="resnet_jax"):
         assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     skipped = [r.getMessage() for r in caplog.records if "is not a metrics row" in r.getMessage()]

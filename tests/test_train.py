@@ -204,18 +204,15 @@ def test_one_step_on_imagenet_built_by_tfds(imagenet_data_dir, tmp_path):
     assert set(final) == {"eval/loss", "eval/top1_acc", "eval/top5_acc"} and np.isfinite(final["eval/loss"])
     assert os.listdir(tmp_path / "checkpoints") == ["1"]
 
-    argv = [sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={tmp_path}", "--eval_image_size=48"]
-    p = subprocess.run(argv, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    def evaluate(*flags):
+        p = run_cli("resnet_jax.evaluate", f"--workdir={tmp_path}", *flags)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return sorted(f for f in os.listdir(tmp_path) if f.startswith("eval_"))
+
+    assert evaluate("--eval_image_size=48") == ["eval_1_48px.json"]
     result = json.loads((tmp_path / "eval_1_48px.json").read_text())
     assert result["step"] == 1 and np.isfinite(result["eval/loss"]) and not (tmp_path / "eval_1.json").exists()
     assert abs(result["eval/loss"] - final["eval/loss"]) > 1e-6  # tested on 48px crops, not the run's 32px
-
-    def evaluate(*flags):
-        argv = [sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={tmp_path}", *flags]
-        p = subprocess.run(argv, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-        return sorted(f for f in os.listdir(tmp_path) if f.startswith("eval_"))
 
     # Each protocol's result has its own file, so that none replaces another's: the run's own size
     # is no other size, 10 crops are named so, and a run configured for 10-crop testing tests so.
