@@ -6,14 +6,13 @@
 A sweep file defines ``get_sweep()`` returning a list of ``{"name", "config", "overrides"}``
 (``overrides``: optional, ``{config key: value}`` such as ``{"model.shortcut": "B"}``, passed as
 ``--config.key=value``). Each (run, seed) trains in ``ROOT/<name>/seed<k>`` with
-``--config.seed=k``. A run whose workdir already holds its final evaluation and its final
-checkpoint is skipped, so a sweep can be started again after an
-interruption (unfinished runs resume from their checkpoints). A run directory that holds a run of
-other settings (the sweep file or its flags changed since) is refused before any run starts, so
-that no result is silently reused or overwritten. A run refused for bad input (exit status 2:
-e.g. a dataset that is not prepared) stops the sweep; other failures are counted and the sweep
-goes on. Ctrl-C or SIGTERM stops the sweep after the running run has saved a checkpoint (it is
-passed on to the run as SIGTERM).
+``--config.seed=k``. A run whose workdir already holds its final evaluation and its final checkpoint
+is skipped, so a sweep can be started again after an interruption (unfinished runs resume from their
+checkpoints). A run directory that holds a run of other settings (the sweep file or its flags
+changed since) is refused before any run starts, so that no result is silently reused or
+overwritten. A run refused for bad input (exit status 2: e.g. a dataset that is not prepared) stops
+the sweep; other failures are counted and the sweep goes on. Ctrl-C or SIGTERM stops the sweep after
+the running run has saved a checkpoint (it is passed on to the run as SIGTERM).
 
 The SLURM script runs each command from the directory the sweep was written in, with the Python
 that wrote it (a virtual environment on a shared filesystem), so it can be submitted from anywhere.

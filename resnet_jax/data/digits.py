@@ -12,11 +12,12 @@ is ever needed. This module never imports TensorFlow, nor scikit-learn unless it
   The epochs are concatenated into one stream and global step ``k`` takes stream positions
   ``[k*B, (k+1)*B)``: an epoch may end in the middle of a batch (no example is ever dropped), and
   starting at step ``k`` costs nothing. Host ``p`` of ``P`` takes rows ``[p*B/P, (p+1)*B/P)``.
-* Augmentation: off by default; ``config.dataset.augment = True`` turns on a random translation
-  by up to 1/8 of the image side (one pixel at 8x8), padding with the background value. The shifts of global step ``k`` are drawn for the
-  whole global batch from ``default_rng([seed, k, tag])``, so they depend on (seed, step, position
-  in the batch) only. Off because the short embedded recipe (cifar_resnet20, 20 epochs) converges
-  better without it: 98.9% vs 97.8% eval top-1 in one run each (with 30 epochs both gave 98.9%).
+* Augmentation: off by default; ``config.dataset.augment = True`` turns on a random translation by
+  up to 1/8 of the image side (one pixel at 8x8), padding with the background value. The shifts of
+  global step ``k`` are drawn for the whole global batch from ``default_rng([seed, k, tag])``, so
+  they depend on (seed, step, position in the batch) only. Off because the short embedded recipe
+  (cifar_resnet20, 20 epochs) converges better without it: 98.9% vs 97.8% eval top-1 in one run each
+  (with 30 epochs both gave 98.9%).
 """
 
 from __future__ import annotations

@@ -201,11 +201,11 @@ class ResNet(nnx.Module):
         """Logits and, for every block in order, ``{"residual", "shortcut", "responses", "output"}``.
 
         ``residual`` is the branch output before the addition (after its last BN; in pre-activation
-        blocks, its last conv); ``shortcut`` is ``None`` in a plain network; ``responses`` is a tuple
-        with one response per convolution of the branch (after its BN, before the ReLU or the
-        addition; see ``resnet_jax.models.blocks``), the last being ``residual``; ``output`` is what the block
-        passes on (after the addition and, post-activation, the ReLU). Works under jit and for
-        scanned stages. ``conv_responses`` adds the stem's and flattens them (paper 1, Fig. 7).
+        blocks, its last conv); ``shortcut`` is ``None`` in a plain network; ``responses`` is a
+        tuple with one response per convolution of the branch (after its BN, before the ReLU or the
+        addition; see ``resnet_jax.models.blocks``), the last being ``residual``; ``output`` is what
+        the block passes on (after the addition and, post-activation, the ReLU). Works under jit and
+        for scanned stages. ``conv_responses`` adds the stem's and flattens them (paper 1, Fig. 7).
         """
         return self._forward(x, capture=True)
 
